@@ -1,0 +1,224 @@
+"""Configuration, declared once (pydantic-settings): TOML file, ``MLFABRIC_…`` environment, CLI flags.
+
+Precedence, highest first: CLI flags, environment (``MLFABRIC_OVERLAY__STABILIZE_INTERVAL=0.5`` sets a
+nested field), the TOML file given with ``--config`` (or ``MLFABRIC_CONFIG``), the chosen preset,
+the defaults below. Presets (memberlist's idea): ``local`` (fast timers, one machine), ``lan``
+(the defaults), ``wan`` (slow, tolerant timers).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from contextvars import ContextVar
+
+from mlfabric.errors import ConfigError
+
+
+class OverlayConfig(BaseModel):
+    """Chord overlay timers and sizes (Chord §4.3, §5.2)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    successors: int = Field(8, ge=1, le=64, description="Length r of the successor list (Chord §5.2: "
+                            "O(log N); 8 keeps lookups correct with up to half the nodes failed at N = 256).")
+    stabilize_interval: float = Field(1.0, gt=0, description="Seconds between stabilize rounds with the successor.")
+    fix_fingers_interval: float = Field(0.5, gt=0, description="Seconds between finger-table refresh lookups.")
+    check_predecessor_interval: float = Field(1.0, gt=0, description="Seconds between pings to the predecessor.")
+    rpc_timeout: float = Field(1.0, gt=0, description="Seconds to wait for a reply before a peer is treated as unresponsive.")
+    lookup_fanout: int = Field(3, ge=1, le=16, description="Closest preceding nodes returned per lookup step; "
+                               "extra ones let the asker skip a dead hop.")
+    max_lookup_hops: int = Field(128, ge=1, description="A lookup that needs more hops than this fails.")
+    join_retry_interval: float = Field(2.0, gt=0, description="Seconds before retrying a join whose seeds all failed.")
+
+    @model_validator(mode="after")
+    def _timeout_fits(self) -> Self:
+        if self.rpc_timeout > 10 * self.stabilize_interval:
+            raise ValueError("overlay.rpc_timeout must be at most 10 x overlay.stabilize_interval")
+        return self
+
+
+class TransportConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_frame: int = Field(1 << 20, ge=1024, le=1 << 30, description="Largest control-lane frame in bytes; "
+                           "a peer announcing a larger one is disconnected.")
+    send_queue_frames: int = Field(1024, ge=1, description="Frames queued per peer before new ones are dropped "
+                                   "(backpressure; the protocol's timeouts recover).")
+    connect_timeout: float = Field(2.0, gt=0, description="Seconds to establish a TCP connection and handshake.")
+    handshake_timeout: float = Field(2.0, gt=0, description="Seconds an accepted connection may take to "
+                                     "authenticate before it is dropped.")
+    idle_timeout: float = Field(120.0, gt=0, description="Close a connection idle for this many seconds.")
+    max_connections: int = Field(4096, ge=2, description="Open connections allowed (inbound + outbound); "
+                                 "this machine allows about 20,000 files per process.")
+    max_bulk_bytes: int = Field(1 << 31, ge=1, description="Largest tensor accepted on the bulk lane.")
+
+
+class Settings(BaseSettings):
+    """Everything a node needs. Every field can be set in TOML, environment or on the command line."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MLFABRIC_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    listen: str = Field("127.0.0.1:7700", description="host:port the node listens on; port 0 picks a free port.")
+    advertise: str | None = Field(None, description="host:port other nodes use to reach this one "
+                                  "(defaults to listen, with the real port when listen's port is 0).")
+    seeds: list[str] = Field(default_factory=list, description="Addresses of nodes already in the ring; "
+                             "empty creates a new ring.")
+    data_dir: Path = Field(Path("./mlfabric-data"), description="Holds the node key (identity) and state.")
+    control: str = Field("127.0.0.1:0", description="host:port of the local JSON control endpoint "
+                         "(port 0 picks a free one; the chosen address is written to data_dir/control).")
+    cluster_key: str | None = Field(None, description="Shared secret; when set every connection starts "
+                                    "with a mutual HMAC-SHA256 challenge-response.")
+    cluster_key_file: Path | None = Field(None, description="File holding the cluster key (first line).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON objects.")
+    overlay: OverlayConfig = Field(default_factory=OverlayConfig)
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+
+    @field_validator("listen", "control")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        parse_address(value, allow_zero=True)
+        return value
+
+    @field_validator("advertise")
+    @classmethod
+    def _check_advertise(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_address(value)
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _check_seeds(cls, value: list[str]) -> list[str]:
+        for seed in value:
+            parse_address(seed)
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest first; pydantic-settings deep-merges nested sections across sources.
+        return init_settings, env_settings, _LayerSource(settings_cls)
+
+    def key_bytes(self) -> bytes | None:
+        if self.cluster_key is not None:
+            return self.cluster_key.encode()
+        if self.cluster_key_file is not None:
+            try:
+                text = self.cluster_key_file.read_text().splitlines()
+            except OSError as exc:
+                raise ConfigError(f"cannot read cluster_key_file {self.cluster_key_file}: {exc.strerror}") from None
+            if not text or not text[0].strip():
+                raise ConfigError(f"cluster_key_file {self.cluster_key_file} is empty")
+            return text[0].strip().encode()
+        return None
+
+
+_LAYER: ContextVar[dict[str, Any]] = ContextVar("mlfabric_config_layer", default={})
+
+
+class _LayerSource(PydanticBaseSettingsSource):
+    """The preset merged with the TOML file: below the environment and the CLI."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _LAYER.get()
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "local": {
+        "overlay": {
+            "stabilize_interval": 0.1,
+            "fix_fingers_interval": 0.05,
+            "check_predecessor_interval": 0.2,
+            "rpc_timeout": 0.5,
+            "join_retry_interval": 0.5,
+        },
+        "transport": {"connect_timeout": 1.0, "handshake_timeout": 1.0},
+    },
+    "lan": {},
+    "wan": {
+        "overlay": {
+            "stabilize_interval": 3.0,
+            "fix_fingers_interval": 2.0,
+            "check_predecessor_interval": 3.0,
+            "rpc_timeout": 5.0,
+            "join_retry_interval": 10.0,
+        },
+        "transport": {"connect_timeout": 10.0, "handshake_timeout": 10.0},
+    },
+}
+
+
+def parse_address(text: str, allow_zero: bool = False) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` too). Raises ValueError with a readable message."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"address {text!r} must be host:port")
+    number = int(port)
+    if not (0 if allow_zero else 1) <= number <= 65535:
+        raise ValueError(f"address {text!r} has port out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, number
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(
+    config_file: Path | str | None = None, preset: str | None = None, **overrides: Any
+) -> Settings:
+    """Build Settings from preset < file < environment < overrides. Raises ConfigError (one line)."""
+    preset = preset or os.environ.get("MLFABRIC_PRESET") or "lan"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    layered: dict[str, Any] = dict(PRESETS[preset])
+    config_file = config_file or os.environ.get("MLFABRIC_CONFIG")
+    if config_file:
+        path = Path(config_file)
+        try:
+            layered = _merge(layered, tomllib.loads(path.read_text()))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    token = _LAYER.set(layered)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    finally:
+        _LAYER.reset(token)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "invalid configuration: " + "; ".join(parts)

@@ -1,0 +1,550 @@
+"""The Chord overlay as a sans-IO state machine (Stoica et al., SIGCOMM 2001 / ToN 2003).
+
+Iterative lookups (the asker drives every hop, so a dead hop is skipped and hops are counted),
+join through any seed, periodic stabilize / notify (§4.3), fix_fingers (§4.3), check_predecessor,
+successor lists (§5.2) and graceful leave (§4.4 "voluntary departures").
+
+Time comes in as ``now``; messages go out through the outbox as ``(address, message)``; facts go up
+as events. A request that gets no reply within ``rpc_timeout`` marks the peer unresponsive, and it is
+removed from the routing state (stabilize re-learns it if it was only slow).
+Must not import asyncio, socket, time, threading or torch.
+"""
+
+from __future__ import annotations
+
+import random
+from bisect import bisect_left
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from mlfabric.config import OverlayConfig
+from mlfabric.core.events import (
+    Event,
+    Joined,
+    Left,
+    LookupDone,
+    PeerUnresponsive,
+    PredecessorChanged,
+    SuccessorChanged,
+)
+from mlfabric.core.ring import BITS, MASK, distance, finger_start, in_half_open, in_open
+from mlfabric.wire.messages import (
+    FindSuccessor,
+    FindSuccessorReply,
+    GetNeighbors,
+    Leaving,
+    Message,
+    Neighbors,
+    Notify,
+    Peer,
+    Ping,
+    Pong,
+)
+
+# Lookup purposes
+USER, FINGER, JOIN = 0, 1, 2
+
+
+@dataclass(slots=True)
+class _Lookup:
+    token: int
+    key: int
+    purpose: int
+    started_at: float
+    candidates: list[Peer] = field(default_factory=list)
+    tried: set[int] = field(default_factory=set)
+    hops: int = 0
+    finger: int = 0
+    seeds: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Pending:
+    deadline_at: float
+    address: str
+    peer: Peer | None
+    on_reply: Callable[[Peer, Message, float], None]
+    on_timeout: Callable[[float], None]
+
+
+class ChordMachine:
+    """One node's Chord state and protocol."""
+
+    def __init__(self, me: Peer, cfg: OverlayConfig, rng: random.Random) -> None:
+        self.me = me
+        self.cfg = cfg
+        self._rng = rng
+        self.predecessor: Peer | None = None
+        self.successors: list[Peer] = []
+        self.fingers: list[Peer | None] = [None] * BITS
+        self.joined = False
+        self.leaving = False
+        self._outbox: list[tuple[str, Message]] = []
+        self._events: deque[Event] = deque()
+        self._pending: dict[int, _Pending] = {}
+        self._lookups: dict[int, _Lookup] = {}
+        self._next_req = 1
+        self._next_token = 1
+        self._finger_cursor = 0
+        self._finger_lookup: int | None = None
+        self._stabilizing = False
+        self._pinging = False
+        self._stabilize_at: float | None = None
+        self._fix_at: float | None = None
+        self._check_at: float | None = None
+        self._join_at: float | None = None
+        self._seeds: list[str] = []
+        # routing view: distinct peers of fingers + successors, sorted by distance from me
+        self._route_dirty = True
+        self._route_dist: list[int] = []
+        self._route_peers: list[Peer] = []
+        self.counters: dict[str, int] = {
+            "lookups_started": 0,
+            "lookups_ok": 0,
+            "lookups_failed": 0,
+            "lookup_steps_served": 0,
+            "rpc_timeouts": 0,
+            "stabilize_rounds": 0,
+            "successor_changes": 0,
+        }
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def successor(self) -> Peer:
+        return self.successors[0] if self.successors else self.me
+
+    def bootstrap(self, seeds: list[str], now: float) -> None:
+        """Create a new ring (no seeds) or join through the seeds, tried in order."""
+        seeds = [s for s in seeds if s != self.me.address]
+        if not seeds:
+            self.successors = []
+            self.joined = True
+            self._events.append(Joined(self.me))
+            self._arm_periodic(now)
+            return
+        self._seeds = list(seeds)
+        self._start_join(now)
+
+    def lookup(self, key: int, now: float) -> int:
+        """Start a lookup of successor(key); a LookupDone event with the returned token follows."""
+        return self._start_lookup(key & MASK, USER, now)
+
+    def leave(self, now: float) -> None:
+        """Graceful leave: hand predecessor and successors to the neighbours, then go quiet."""
+        if self.leaving:
+            return
+        self.leaving = True
+        succ = [s for s in self.successors if s.id != self.me.id]
+        if succ:
+            self._send(succ[0].address, Leaving(predecessor=self.predecessor, successors=tuple(succ)))
+        if self.predecessor is not None and self.predecessor.id != self.me.id:
+            if not succ or self.predecessor.id != succ[0].id:
+                self._send(self.predecessor.address, Leaving(predecessor=self.predecessor, successors=tuple(succ)))
+        self._pending.clear()
+        for lk in list(self._lookups.values()):
+            self._finish_lookup(lk, None, now)
+        self._stabilize_at = self._fix_at = self._check_at = self._join_at = None
+        self._events.append(Left())
+
+    def next_deadline(self) -> float | None:
+        times = [t for t in (self._stabilize_at, self._fix_at, self._check_at, self._join_at) if t is not None]
+        if self._pending:
+            times.append(min(p.deadline_at for p in self._pending.values()))
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        if self._pending:
+            expired = [req for req, p in self._pending.items() if p.deadline_at <= now]
+            for req in expired:
+                pending = self._pending.pop(req, None)
+                if pending is not None:
+                    self.counters["rpc_timeouts"] += 1
+                    pending.on_timeout(now)
+        if self._join_at is not None and self._join_at <= now:
+            self._join_at = None
+            self._start_join(now)
+        if self._stabilize_at is not None and self._stabilize_at <= now:
+            self._stabilize_at = now + self.cfg.stabilize_interval
+            self._stabilize(now)
+        if self._check_at is not None and self._check_at <= now:
+            self._check_at = now + self.cfg.check_predecessor_interval
+            self._check_predecessor(now)
+        if self._fix_at is not None and self._fix_at <= now:
+            self._fix_at = now + self.cfg.fix_fingers_interval
+            self._fix_fingers(now)
+
+    def receive(self, src: Peer, msg: Message, now: float) -> None:
+        if self.leaving:
+            return
+        match msg:
+            case FindSuccessor(req=req, key=key):
+                self._serve_find_successor(src, req, key)
+            case GetNeighbors(req=req):
+                self._send(src.address, Neighbors(req=req, predecessor=self.predecessor,
+                                                  successors=tuple(self._successor_list_for_reply())))
+            case Notify():
+                self._on_notify(src)
+            case Ping(seq=seq):
+                self._send(src.address, Pong(seq=seq))
+            case Leaving(predecessor=pred, successors=succs):
+                self._on_leaving(src, pred, succs)
+            case FindSuccessorReply(req=req) | Neighbors(req=req) | Pong(seq=req):
+                pending = self._pending.get(req)
+                if pending is None or pending.address != src.address:
+                    return  # late or forged reply: ignore
+                del self._pending[req]
+                pending.on_reply(src, msg, now)
+            case _:
+                pass
+
+    def unreachable(self, address: str, now: float) -> None:
+        """The transport could not reach ``address``: fail its pending requests now."""
+        for req, pending in list(self._pending.items()):
+            if pending.address == address and req in self._pending:
+                del self._pending[req]
+                self.counters["rpc_timeouts"] += 1
+                pending.on_timeout(now)
+
+    def drain_outbox(self) -> list[tuple[str, Message]]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def distinct_fingers(self) -> list[Peer]:
+        seen: dict[int, Peer] = {}
+        for f in self.fingers:
+            if f is not None:
+                seen.setdefault(f.id, f)
+        return list(seen.values())
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _send(self, address: str, msg: Message) -> None:
+        self._outbox.append((address, msg))
+
+    def _request(
+        self,
+        address: str,
+        peer: Peer | None,
+        make: Callable[[int], Message],
+        on_reply: Callable[[Peer, Message, float], None],
+        on_timeout: Callable[[float], None],
+        now: float,
+    ) -> None:
+        req = self._next_req
+        self._next_req = (self._next_req + 1) & MASK or 1
+        self._pending[req] = _Pending(now + self.cfg.rpc_timeout, address, peer, on_reply, on_timeout)
+        self._send(address, make(req))
+
+    def _arm_periodic(self, now: float) -> None:
+        # random phases so that nodes started together do not beat in step
+        r = self._rng.random
+        self._stabilize_at = now + r() * self.cfg.stabilize_interval
+        self._fix_at = now + r() * self.cfg.fix_fingers_interval
+        self._check_at = now + r() * self.cfg.check_predecessor_interval
+
+    def _set_successors(self, succs: list[Peer]) -> None:
+        out: list[Peer] = []
+        seen = set()
+        for s in succs:
+            if s.id == self.me.id or s.id in seen:
+                continue
+            seen.add(s.id)
+            out.append(s)
+            if len(out) >= self.cfg.successors:
+                break
+        old = self.successors[0] if self.successors else None
+        self.successors = out
+        self._route_dirty = True
+        new = out[0] if out else None
+        if new != old:
+            self.counters["successor_changes"] += 1
+            self.fingers[0] = new
+            self._events.append(SuccessorChanged(new or self.me))
+
+    def _set_predecessor(self, pred: Peer | None) -> None:
+        if pred is not None and pred.id == self.me.id:
+            pred = None
+        if pred != self.predecessor:
+            self.predecessor = pred
+            self._events.append(PredecessorChanged(pred))
+
+    def _successor_list_for_reply(self) -> list[Peer]:
+        return list(self.successors) if self.successors else [self.me]
+
+    def _routing(self) -> tuple[list[int], list[Peer]]:
+        if self._route_dirty:
+            peers: dict[int, Peer] = {}
+            for f in self.fingers:
+                if f is not None:
+                    peers[f.id] = f
+            for s in self.successors:
+                peers[s.id] = s
+            peers.pop(self.me.id, None)
+            me = self.me.id
+            ordered = sorted(peers.values(), key=lambda p: distance(me, p.id))
+            self._route_peers = ordered
+            self._route_dist = [distance(me, p.id) for p in ordered]
+            self._route_dirty = False
+        return self._route_dist, self._route_peers
+
+    def _closest_preceding(self, key: int, limit: int) -> list[Peer]:
+        """Known nodes in (me, key), closest to key first (Chord's closest_preceding_node)."""
+        dists, peers = self._routing()
+        i = bisect_left(dists, distance(self.me.id, key))
+        return [peers[j] for j in range(i - 1, max(i - 1 - limit, -1), -1)]
+
+    def _forget(self, peer: Peer, now: float) -> None:
+        """Remove an unresponsive peer from all routing state."""
+        changed = False
+        if any(s.id == peer.id for s in self.successors):
+            self._set_successors([s for s in self.successors if s.id != peer.id])
+            changed = True
+        if self.predecessor is not None and self.predecessor.id == peer.id:
+            self._set_predecessor(None)
+            changed = True
+        for i, f in enumerate(self.fingers):
+            if f is not None and f.id == peer.id:
+                self.fingers[i] = None
+                changed = True
+        if self.successors:
+            self.fingers[0] = self.successors[0]
+        if changed:
+            self._route_dirty = True
+            self._events.append(PeerUnresponsive(peer))
+        if not self.successors and self.joined:
+            # Successor list exhausted: fall back on the closest live entry we still know.
+            _, peers = self._routing()
+            if peers:
+                self._set_successors([peers[0]])
+
+    # ------------------------------------------------------------------ lookups
+
+    def _start_lookup(self, key: int, purpose: int, now: float, finger: int = 0) -> int:
+        token = self._next_token
+        self._next_token += 1
+        lk = _Lookup(token=token, key=key, purpose=purpose, started_at=now, finger=finger)
+        self._lookups[token] = lk
+        if purpose == USER:
+            self.counters["lookups_started"] += 1
+        if not self.joined or self.leaving:
+            self._finish_lookup(lk, None, now)
+            return token
+        if in_half_open(key, self.me.id, self.successor.id):
+            self._finish_lookup(lk, self.successor, now)
+            return token
+        if self.predecessor is not None and in_half_open(key, self.predecessor.id, self.me.id):
+            self._finish_lookup(lk, self.me, now)
+            return token
+        lk.candidates = self._closest_preceding(key, BITS + self.cfg.successors)
+        self._lookup_next(lk, now)
+        return token
+
+    def _start_join(self, now: float) -> None:
+        lk = _Lookup(token=self._next_token, key=self.me.id, purpose=JOIN, started_at=now)
+        self._next_token += 1
+        lk.seeds = list(self._seeds)
+        self._lookups[lk.token] = lk
+        self._lookup_next(lk, now)
+
+    def _lookup_next(self, lk: _Lookup, now: float) -> None:
+        if lk.hops >= self.cfg.max_lookup_hops:
+            self._finish_lookup(lk, None, now)
+            return
+        while lk.candidates:
+            cand = lk.candidates.pop(0)
+            if cand.id in lk.tried or cand.id == self.me.id:
+                continue
+            lk.tried.add(cand.id)
+            self._lookup_ask(lk, cand.address, cand, now)
+            return
+        if lk.seeds:  # only joins have seeds: ask the next one (its id is not known yet)
+            self._lookup_ask(lk, lk.seeds.pop(0), None, now)
+            return
+        self._finish_lookup(lk, None, now)
+
+    def _lookup_ask(self, lk: _Lookup, address: str, peer: Peer | None, now: float) -> None:
+        key = lk.key
+
+        def on_reply(src: Peer, msg: Message, t: float) -> None:
+            assert isinstance(msg, FindSuccessorReply)
+            self._on_lookup_reply(lk, src, msg, t)
+
+        def on_timeout(t: float) -> None:
+            if peer is not None:
+                self._forget(peer, t)
+            self._lookup_next(lk, t)
+
+        self._request(address, peer, lambda req: FindSuccessor(req=req, key=key), on_reply, on_timeout, now)
+
+    def _on_lookup_reply(self, lk: _Lookup, src: Peer, msg: FindSuccessorReply, now: float) -> None:
+        if lk.token not in self._lookups:
+            return
+        lk.hops += 1
+        lk.tried.add(src.id)
+        if msg.done:
+            if msg.nodes:
+                self._finish_lookup(lk, msg.nodes[0], now, msg.nodes)
+            else:
+                self._lookup_next(lk, now)
+            return
+        key = lk.key
+        fresh = [p for p in msg.nodes if p.id not in lk.tried and p.id != self.me.id]
+        # keep the older candidates as fallbacks behind the responder's better ones
+        merged = {p.id: p for p in lk.candidates}
+        for p in fresh:
+            merged[p.id] = p
+        lk.candidates = sorted(merged.values(), key=lambda p: distance(p.id, key))
+        if lk.purpose == JOIN and not lk.candidates and not msg.nodes:
+            lk.candidates = []
+        self._lookup_next(lk, now)
+
+    def _finish_lookup(self, lk: _Lookup, node: Peer | None, now: float,
+                       successors: tuple[Peer, ...] = ()) -> None:
+        if self._lookups.pop(lk.token, None) is None:
+            return
+        if lk.purpose == USER:
+            self.counters["lookups_ok" if node is not None else "lookups_failed"] += 1
+            self._events.append(LookupDone(lk.token, lk.key, node, lk.hops, now - lk.started_at))
+        elif lk.purpose == FINGER:
+            self._finger_lookup = None
+            if node is not None and not self.leaving:
+                self._on_finger_found(lk.finger, node)
+        elif lk.purpose == JOIN:
+            if node is None or node.id == self.me.id and len(successors) <= 1:
+                self._join_at = now + self.cfg.join_retry_interval
+                return
+            self.joined = True
+            self._set_successors([node, *successors])
+            self._arm_periodic(now)
+            self._stabilize_at = now  # learn the successor's list and notify it at once
+            self._events.append(Joined(self.successor))
+
+    # ------------------------------------------------------------------ serving
+
+    def _serve_find_successor(self, src: Peer, req: int, key: int) -> None:
+        self.counters["lookup_steps_served"] += 1
+        if not self.joined:
+            self._send(src.address, FindSuccessorReply(req=req, done=False, nodes=()))
+            return
+        if self.predecessor is not None and in_half_open(key, self.predecessor.id, self.me.id):
+            nodes = (self.me, *self.successors[: self.cfg.successors - 1])
+            self._send(src.address, FindSuccessorReply(req=req, done=True, nodes=nodes))
+            return
+        if in_half_open(key, self.me.id, self.successor.id):
+            self._send(src.address, FindSuccessorReply(req=req, done=True,
+                                                         nodes=tuple(self._successor_list_for_reply())))
+            return
+        nodes = self._closest_preceding(key, self.cfg.lookup_fanout)
+        if not nodes:
+            nodes = [self.successor]
+        self._send(src.address, FindSuccessorReply(req=req, done=False, nodes=tuple(nodes)))
+
+    def _on_notify(self, src: Peer) -> None:
+        if src.id == self.me.id or not self.joined:
+            return
+        if self.predecessor is None or in_open(src.id, self.predecessor.id, self.me.id):
+            self._set_predecessor(src)
+        if not self.successors:
+            # Alone in the ring until now: the first node to notify us is also our successor.
+            self._set_successors([src])
+
+    def _on_leaving(self, src: Peer, pred: Peer | None, succs: tuple[Peer, ...]) -> None:
+        if self.successors and self.successors[0].id == src.id:
+            rest = [s for s in succs if s.id != src.id]
+            self._set_successors(rest + [s for s in self.successors[1:] if s.id != src.id])
+        else:
+            self._set_successors([s for s in self.successors if s.id != src.id])
+        if self.predecessor is not None and self.predecessor.id == src.id:
+            self._set_predecessor(pred)
+        repl = self.successors[0] if self.successors else None
+        for i, f in enumerate(self.fingers):
+            if f is not None and f.id == src.id:
+                self.fingers[i] = repl
+        self._route_dirty = True
+
+    # ------------------------------------------------------------------ periodic (Chord §4.3)
+
+    def _stabilize(self, now: float) -> None:
+        if self._stabilizing:
+            return
+        if not self.successors:
+            return
+        self.counters["stabilize_rounds"] += 1
+        succ = self.successors[0]
+        self._stabilizing = True
+
+        def on_reply(src: Peer, msg: Message, t: float) -> None:
+            assert isinstance(msg, Neighbors)
+            self._stabilizing = False
+            if not self.successors or self.successors[0].id != succ.id:
+                return
+            x = msg.predecessor
+            new_list = [succ, *msg.successors]
+            if x is not None and x.id != self.me.id and in_open(x.id, self.me.id, succ.id):
+                # a node joined between us and our successor: adopt it and ask it at once
+                new_list = [x, *new_list]
+                self._set_successors(new_list)
+                self._stabilize_at = t
+            else:
+                self._set_successors(new_list)
+            if self.successors:
+                self._send(self.successors[0].address, Notify())
+
+        def on_timeout(t: float) -> None:
+            self._stabilizing = False
+            self._forget(succ, t)
+            self._stabilize_at = t  # repair with the next successor straight away
+
+        self._request(succ.address, succ, lambda req: GetNeighbors(req=req), on_reply, on_timeout, now)
+
+    def _check_predecessor(self, now: float) -> None:
+        pred = self.predecessor
+        if pred is None or self._pinging:
+            return
+        self._pinging = True
+
+        def on_reply(src: Peer, msg: Message, t: float) -> None:
+            self._pinging = False
+
+        def on_timeout(t: float) -> None:
+            self._pinging = False
+            self._forget(pred, t)
+
+        self._request(pred.address, pred, lambda req: Ping(seq=req), on_reply, on_timeout, now)
+
+    def _fix_fingers(self, now: float) -> None:
+        if self._finger_lookup is not None:
+            return
+        if not self.successors:  # alone: every finger is this node
+            self.fingers = [self.me] * BITS
+            return
+        succ = self.successors[0]
+        self.fingers[0] = succ
+        i = self._finger_cursor
+        # fingers whose start lies in (me, succ] are the successor: no lookup needed
+        while i < BITS and in_half_open(finger_start(self.me.id, i), self.me.id, succ.id):
+            self.fingers[i] = succ
+            i += 1
+        if i >= BITS:
+            self._finger_cursor = 0
+            self._route_dirty = True
+            return
+        self._finger_cursor = i
+        self._finger_lookup = self._start_lookup(finger_start(self.me.id, i), FINGER, now, finger=i)
+
+    def _on_finger_found(self, i: int, node: Peer) -> None:
+        me = self.me.id
+        reach = distance(me, node.id) if node.id != me else MASK + 1
+        self.fingers[i] = node
+        j = i + 1
+        # every later finger whose start is still at or before node also points at node
+        while j < BITS and distance(me, finger_start(me, j)) <= reach:
+            self.fingers[j] = node
+            j += 1
+        self._finger_cursor = 0 if j >= BITS else j
+        self._route_dirty = True

@@ -1,0 +1,1 @@
+"""Bytes <-> validated messages. Sans-IO: imports no asyncio, socket, time, threading or torch."""

@@ -1,0 +1,328 @@
+"""Protocol messages: frozen dataclasses with append-only numeric ids and per-field wire kinds.
+
+Every field declares a *kind* (see ``U64``, ``Str`` ...) that both dumps it to plain msgpack values
+and validates what a peer sent (type, range, size). A message decoded from the wire has passed
+every check, so the core never sees a malformed value. Ids are part of the protocol: append new
+ones, never reuse or renumber; new fields are appended with defaults so older peers keep working.
+Must not import asyncio, socket, time, threading or torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar
+
+from mlfabric.errors import LocalProtocolError, RemoteProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_ADDRESS_LEN = 270  # host (up to 255) + ":" + port, with room for IPv6 brackets
+MAX_PEER_LIST = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Value types
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Peer:
+    """A node on the ring: its 64-bit id and the ``host:port`` it listens on."""
+
+    id: int
+    address: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "address": self.address}
+
+
+# ---------------------------------------------------------------------------------------------
+# Field kinds: dump to msgpack-native values, load with validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _bad(what: str, raw: object) -> RemoteProtocolError:
+    shown = repr(raw)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return RemoteProtocolError(f"{what}: got {shown}")
+
+
+class Kind:
+    def dump(self, value: Any) -> Any:
+        return value
+
+    def load(self, raw: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _Int(Kind):
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+
+    def load(self, raw: Any) -> int:
+        if type(raw) is not int or not self.lo <= raw <= self.hi:
+            raise _bad(f"expected integer in [{self.lo}, {self.hi}]", raw)
+        return raw
+
+
+class _Bool(Kind):
+    def load(self, raw: Any) -> bool:
+        if type(raw) is not bool:
+            raise _bad("expected boolean", raw)
+        return raw
+
+
+class _Float(Kind):
+    """A duration or a measurement: finite, within bounds. Ints are accepted (msgpack may pack 1.0 as 1)."""
+
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+
+    def dump(self, value: Any) -> float:
+        return float(value)
+
+    def load(self, raw: Any) -> float:
+        if type(raw) not in (float, int) or not math.isfinite(raw) or not self.lo <= raw <= self.hi:
+            raise _bad(f"expected finite number in [{self.lo}, {self.hi}]", raw)
+        return float(raw)
+
+
+class Str(Kind):
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+
+    def load(self, raw: Any) -> str:
+        if type(raw) is not str or len(raw) > self.max_len:
+            raise _bad(f"expected string of at most {self.max_len} characters", raw)
+        return raw
+
+
+class Bytes(Kind):
+    def __init__(self, max_len: int, exact: int | None = None) -> None:
+        self.max_len, self.exact = max_len, exact
+
+    def load(self, raw: Any) -> bytes:
+        if type(raw) is not bytes or len(raw) > self.max_len:
+            raise _bad(f"expected bytes of at most {self.max_len}", raw)
+        if self.exact is not None and len(raw) != self.exact:
+            raise _bad(f"expected exactly {self.exact} bytes", raw)
+        return raw
+
+
+class _Address(Str):
+    def __init__(self) -> None:
+        super().__init__(MAX_ADDRESS_LEN)
+
+    def load(self, raw: Any) -> str:
+        text = super().load(raw)
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise _bad("expected address host:port", raw)
+        return text
+
+
+class _PeerKind(Kind):
+    def dump(self, value: Peer) -> list[Any]:
+        return [value.id, value.address]
+
+    def load(self, raw: Any) -> Peer:
+        if type(raw) is not list or len(raw) != 2:
+            raise _bad("expected peer [id, address]", raw)
+        return Peer(U64.load(raw[0]), ADDRESS.load(raw[1]))
+
+
+class Optional(Kind):
+    def __init__(self, inner: Kind) -> None:
+        self.inner = inner
+
+    def dump(self, value: Any) -> Any:
+        return None if value is None else self.inner.dump(value)
+
+    def load(self, raw: Any) -> Any:
+        return None if raw is None else self.inner.load(raw)
+
+
+class ListOf(Kind):
+    def __init__(self, inner: Kind, max_len: int) -> None:
+        self.inner, self.max_len = inner, max_len
+
+    def dump(self, value: Any) -> list[Any]:
+        return [self.inner.dump(v) for v in value]
+
+    def load(self, raw: Any) -> tuple[Any, ...]:
+        if type(raw) is not list or len(raw) > self.max_len:
+            raise _bad(f"expected list of at most {self.max_len} items", raw)
+        return tuple(self.inner.load(v) for v in raw)
+
+
+U64 = _Int(0, (1 << 64) - 1)
+U32 = _Int(0, (1 << 32) - 1)
+SMALL = _Int(0, 1 << 16)
+BOOL = _Bool()
+DURATION = _Float(0.0, 1e6)
+ADDRESS = _Address()
+PEER = _PeerKind()
+PEERS = ListOf(PEER, MAX_PEER_LIST)
+OPT_PEER = Optional(PEER)
+
+
+def f(kind: Kind, default: Any = MISSING) -> Any:
+    """Declare a message field with its wire kind (and a default for fields appended later)."""
+    if default is MISSING:
+        return field(metadata={"kind": kind})
+    return field(default=default, metadata={"kind": kind})
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+
+class Message:
+    """Base of all messages. ``TYPE_ID`` is set by :func:`wire`."""
+
+    __slots__ = ()
+    TYPE_ID: ClassVar[int] = -1
+    KINDS: ClassVar[tuple[tuple[str, Kind], ...]] = ()
+    REQUIRED: ClassVar[int] = 0
+
+
+_BY_ID: dict[int, type[Message]] = {}
+
+
+def wire(type_id: int):
+    """Register a message class under ``type_id``. Ids are protocol: append, never reuse."""
+
+    def register(cls: type[Message]) -> type[Message]:
+        if type_id in _BY_ID:
+            raise LocalProtocolError(f"type id {type_id} already used by {_BY_ID[type_id].__name__}")
+        cls.TYPE_ID = type_id
+        kinds = []
+        required = 0
+        for fl in fields(cls):  # type: ignore[arg-type]
+            if "kind" not in fl.metadata:
+                raise LocalProtocolError(f"{cls.__name__}.{fl.name} has no wire kind")
+            kinds.append((fl.name, fl.metadata["kind"]))
+            if fl.default is MISSING and fl.default_factory is MISSING:
+                required += 1
+        cls.KINDS = tuple(kinds)
+        cls.REQUIRED = required
+        _BY_ID[type_id] = cls
+        return cls
+
+    return register
+
+
+def message_class(type_id: int) -> type[Message]:
+    try:
+        return _BY_ID[type_id]
+    except KeyError:
+        raise RemoteProtocolError(f"unknown message type id {type_id!r}") from None
+
+
+def registered() -> dict[int, type[Message]]:
+    return dict(_BY_ID)
+
+
+# ---------------------------------------------------------------------------------------------
+# Connection handshake (runtime/transport.py drives it through wire/handshake.py)
+# ---------------------------------------------------------------------------------------------
+
+NONCE_LEN = 32
+MAC_LEN = 32
+
+
+@wire(1)
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First frame from the dialling side: who I am, and a fresh nonce to challenge the listener."""
+
+    node: Peer = f(PEER)
+    nonce: bytes = f(Bytes(NONCE_LEN, exact=NONCE_LEN))
+    version: int = f(SMALL, PROTOCOL_VERSION)
+
+
+@wire(2)
+@dataclass(frozen=True, slots=True)
+class HelloAck(Message):
+    """The listener's answer: who it is, its own nonce, and its proof of the cluster key (or empty)."""
+
+    node: Peer = f(PEER)
+    nonce: bytes = f(Bytes(NONCE_LEN, exact=NONCE_LEN))
+    proof: bytes = f(Bytes(MAC_LEN))
+    version: int = f(SMALL, PROTOCOL_VERSION)
+
+
+@wire(3)
+@dataclass(frozen=True, slots=True)
+class AuthProof(Message):
+    """The dialler's proof of the cluster key, answering the listener's nonce."""
+
+    proof: bytes = f(Bytes(MAC_LEN))
+
+
+# ---------------------------------------------------------------------------------------------
+# Overlay (Chord)
+# ---------------------------------------------------------------------------------------------
+
+
+@wire(10)
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    seq: int = f(U64)
+
+
+@wire(11)
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    seq: int = f(U64)
+
+
+@wire(12)
+@dataclass(frozen=True, slots=True)
+class FindSuccessor(Message):
+    """One step of an iterative lookup (Chord §4.3): who is successor(key), or who is closer?"""
+
+    req: int = f(U64)
+    key: int = f(U64)
+
+
+@wire(13)
+@dataclass(frozen=True, slots=True)
+class FindSuccessorReply(Message):
+    """``done``: ``nodes[0]`` is successor(key), followed by its successors. Otherwise ``nodes``
+    are the closest preceding nodes the responder knows, best first."""
+
+    req: int = f(U64)
+    done: bool = f(BOOL)
+    nodes: tuple[Peer, ...] = f(PEERS)
+
+
+@wire(14)
+@dataclass(frozen=True, slots=True)
+class GetNeighbors(Message):
+    req: int = f(U64)
+
+
+@wire(15)
+@dataclass(frozen=True, slots=True)
+class Neighbors(Message):
+    req: int = f(U64)
+    predecessor: Peer | None = f(OPT_PEER)
+    successors: tuple[Peer, ...] = f(PEERS)
+
+
+@wire(16)
+@dataclass(frozen=True, slots=True)
+class Notify(Message):
+    """The sender believes it may be the receiver's predecessor (Chord §4.3)."""
+
+
+@wire(17)
+@dataclass(frozen=True, slots=True)
+class Leaving(Message):
+    """Graceful leave: the sender hands over its predecessor and successor list."""
+
+    predecessor: Peer | None = f(OPT_PEER)
+    successors: tuple[Peer, ...] = f(PEERS)
