@@ -169,7 +169,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def parse_address(text: str, allow_zero: bool = False) -> tuple[str, int]:
     """Split ``host:port`` (``[v6]:port`` too). Raises ValueError with a readable message."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         raise ValueError(f"address {text!r} must be host:port")
     number = int(port)
     if not (0 if allow_zero else 1) <= number <= 65535:

@@ -117,7 +117,7 @@ class _Address(Str):
     def load(self, raw: Any) -> str:
         text = super().load(raw)
         host, sep, port = text.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise _bad("expected address host:port", raw)
         return text
 
