@@ -74,8 +74,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./mlfabric-data"), description="Holds the node key (identity) and state.")
     control: str = Field("127.0.0.1:0", description="host:port of the local JSON control endpoint "
                          "(port 0 picks a free one; the chosen address is written to data_dir/control).")
-    cluster_key: str | None = Field(None, description="Shared secret; when set every connection starts "
-                                    "with a mutual HMAC-SHA256 challenge-response.")
+    cluster_key: str | None = Field(None, min_length=1, description="Shared secret; when set every connection "
+                                    "starts with a mutual HMAC-SHA256 challenge-response.")
     cluster_key_file: Path | None = Field(None, description="File holding the cluster key (first line).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON objects.")
