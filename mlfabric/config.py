@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
-from contextvars import ContextVar
 
 from mlfabric.errors import ConfigError
 
@@ -128,7 +128,7 @@ class Settings(BaseSettings):
         return None
 
 
-_LAYER: ContextVar[dict[str, Any]] = ContextVar("mlfabric_config_layer", default={})
+_LAYER: ContextVar[dict[str, Any] | None] = ContextVar("mlfabric_config_layer", default=None)
 
 
 class _LayerSource(PydanticBaseSettingsSource):
@@ -138,7 +138,7 @@ class _LayerSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return _LAYER.get()
+        return _LAYER.get() or {}
 
 
 PRESETS: dict[str, dict[str, Any]] = {

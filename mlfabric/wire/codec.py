@@ -50,7 +50,7 @@ def decode(buf: bytes, max_len: int = MAX_MESSAGE) -> Message:
     if len(body) < cls.REQUIRED:
         raise RemoteProtocolError(f"{cls.__name__}: {len(body)} fields, needs {cls.REQUIRED}")
     values = {}
-    for (name, kind), raw in zip(kinds, body):  # extra trailing fields from newer peers are ignored
+    for (name, kind), raw in zip(kinds, body, strict=False):  # extra trailing fields from newer peers are ignored
         try:
             values[name] = kind.load(raw)
         except RemoteProtocolError as exc:
