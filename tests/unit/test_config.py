@@ -350,3 +350,14 @@ def test_every_setting_is_documented(model: type) -> None:
         if not field.description and name not in ("overlay", "transport")  # sections document their fields
     ]
     assert not missing, f"{model.__name__} fields without description=: {missing}"
+
+
+def test_readme_example_is_valid(tmp_path: Path) -> None:
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    if not readme.exists():
+        pytest.skip("no README.md")
+    blocks = readme.read_text().split("```toml")[1:]
+    assert blocks, "README.md has no TOML example"
+    for block in blocks:
+        s = load_settings(write_toml(tmp_path, block.split("```")[0]))
+        assert s.seeds and s.overlay.successors >= 1
