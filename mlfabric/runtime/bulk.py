@@ -1,0 +1,419 @@
+"""Bulk lane: large tensors over TCP, received straight into preallocated memory (asyncio.BufferedProtocol).
+
+Same listening port as the control lane; the dialler's first byte is ``b"B"`` (see transport.py).
+After the usual handshake (the listener reads nothing else until the dialler's AuthProof verifies),
+each blob is
+
+    u32 big-endian header length | msgpack header (wire/blob.py: [name, dtype, shape, nbytes]) | nbytes raw bytes
+
+and the receiver answers each whole blob with one ``ACK`` byte, so :meth:`BulkLane.send` returns
+only once the peer holds the data. The receiver validates the header (size bounded by
+``transport.max_bulk_bytes``), allocates one ``bytearray`` of exactly ``nbytes`` and lets the kernel
+write into it through ``get_buffer`` — no msgpack and no copy for the payload. The sender writes the
+caller's buffer in slices (memoryviews, no copy on our side) and respects ``pause_writing``.
+Received blobs go to the ``on_blob`` callback, by default the ``received`` queue.
+Must not import torch (learn/ converts blobs to tensors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+from mlfabric.config import parse_address
+from mlfabric.errors import LocalProtocolError, RemoteProtocolError
+from mlfabric.runtime._common import (
+    CLOSED,
+    HANDSHAKE,
+    HANDSHAKE_MAX_FRAME,
+    LANE_BULK,
+    OPEN,
+    HandshakeFrames,
+    TransportError,
+    logger,
+    peername,
+)
+from mlfabric.wire.blob import MAX_NAME, TensorBlob, pack_header, unpack_header
+from mlfabric.wire.codec import decode, encode
+from mlfabric.wire.framing import HEADER, frame
+from mlfabric.wire.handshake import DialerHandshake, ListenerHandshake
+from mlfabric.wire.messages import NONCE_LEN, Peer
+
+if TYPE_CHECKING:
+    from mlfabric.runtime.transport import Transport
+
+__all__ = ["BulkLane", "BlobHandler"]
+
+BlobHandler = Callable[[Peer, str, TensorBlob], None]
+
+ACK: Final = b"\x06"
+MAX_HEADER: Final = 4096  # name (<= 256 chars) + dtype + 8 dims: a few hundred bytes at most
+CHUNK: Final = 1 << 20  # sender slice; the socket buffer's high-water mark bounds what is queued
+HIGH_WATER: Final = 4 << 20
+
+# receiver phases
+_HS_LEN, _HS_BODY, _HDR_LEN, _HDR_BODY, _PAYLOAD = range(5)
+
+
+class _BulkReceiver(asyncio.BufferedProtocol):
+    """Listener side of a bulk connection; takes over the TCP transport after the lane byte."""
+
+    outbound = False
+
+    def __init__(self, lane: BulkLane, tcp: asyncio.Transport, remote: str) -> None:
+        self.lane = lane
+        self.owner = lane.owner
+        self.tcp = tcp
+        self.remote = remote
+        self.peer: Peer | None = None
+        self.state = HANDSHAKE
+        assert self.owner.me is not None
+        self.hs = ListenerHandshake(self.owner.me, self.owner.key, secrets.token_bytes(NONCE_LEN))
+        self.last_active_at = self.owner.loop.time()
+        self._small = bytearray(HEADER)
+        self._view = memoryview(self._small)
+        self._pos = 0
+        self._phase = _HS_LEN
+        self._header: tuple[str, str, tuple[int, ...]] | None = None
+        self._payload: bytearray | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, rest: bytes) -> None:
+        self._timer = self.owner.loop.call_later(self.owner.cfg.handshake_timeout, self._handshake_expired)
+        self.tcp.set_protocol(self)
+        view = memoryview(rest)
+        while view and self.state != CLOSED:  # the few bytes read together with the lane byte
+            k = min(len(view), len(self._view) - self._pos)
+            self._view[self._pos : self._pos + k] = view[:k]
+            view = view[k:]
+            self.buffer_updated(k)
+
+    # ---------------------------------------------------------------- asyncio callbacks
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view[self._pos :]  # never empty: every phase expects at least one byte
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.state == CLOSED:
+            return
+        self._pos += nbytes
+        self.owner.counters["bytes_in"] += nbytes
+        self.last_active_at = self.owner.loop.time()
+        if self._pos < len(self._view):
+            return
+        try:
+            self._complete()
+        except RemoteProtocolError as exc:
+            self.owner._remote_error(self, exc)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = CLOSED
+        self._cancel_timer()
+        self._payload = None
+        self.owner._lost(self, exc)
+
+    # ---------------------------------------------------------------- protocol
+
+    def _expect(self, buf: bytearray, phase: int) -> None:
+        self._view = memoryview(buf)
+        self._pos = 0
+        self._phase = phase
+
+    def _length(self, limit: int, what: str) -> int:
+        size = int.from_bytes(self._small, "big")
+        if not 0 < size <= limit:
+            raise RemoteProtocolError(f"{what} of {size} bytes outside 1..{limit}")
+        return size
+
+    def _complete(self) -> None:
+        phase = self._phase
+        if phase == _HS_LEN:
+            self._expect(bytearray(self._length(HANDSHAKE_MAX_FRAME, "handshake frame")), _HS_BODY)
+        elif phase == _HS_BODY:
+            reply = self.hs.receive(decode(bytes(self._view), HANDSHAKE_MAX_FRAME))
+            if reply is not None:
+                self._write(frame(encode(reply)))
+                self._expect(self._small, _HS_LEN)
+                return
+            self._cancel_timer()
+            self.peer = self.hs.peer
+            self.state = OPEN
+            self._expect(self._small, _HDR_LEN)
+        elif phase == _HDR_LEN:
+            self._expect(bytearray(self._length(MAX_HEADER, "tensor header")), _HDR_BODY)
+        elif phase == _HDR_BODY:
+            name, dtype, shape, nbytes = unpack_header(bytes(self._view), self.owner.cfg.max_bulk_bytes)
+            self._header = (name, dtype, shape)
+            if nbytes == 0:
+                self._deliver(bytearray())
+                return
+            self._payload = bytearray(nbytes)  # zero pages until the kernel writes them
+            self._expect(self._payload, _PAYLOAD)
+        else:
+            payload, self._payload = self._payload, None
+            assert payload is not None
+            self._deliver(payload)
+
+    def _deliver(self, payload: bytearray) -> None:
+        assert self._header is not None and self.peer is not None
+        name, dtype, shape = self._header
+        self._header = None
+        self._expect(self._small, _HDR_LEN)
+        blob = TensorBlob(dtype=dtype, shape=shape, data=memoryview(payload))
+        counters = self.owner.counters
+        counters["bulk_in"] += 1
+        counters["bulk_bytes_in"] += len(payload)
+        self.lane._deliver(self.peer, name, blob)
+        if self.state == OPEN:
+            self._write(ACK)
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        if self.state == HANDSHAKE:
+            self.owner.counters["handshake_timeouts"] += 1
+            logger.warning("closing inbound bulk connection from %s: no handshake within %.1fs",
+                           self.remote, self.owner.cfg.handshake_timeout)
+            self.abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _write(self, data: bytes) -> None:
+        self.tcp.write(data)
+        self.owner.counters["bytes_out"] += len(data)
+
+    # ---------------------------------------------------------------- used by the Transport
+
+    def describe(self) -> str:
+        who = f" (node {self.peer.id:#018x} at {self.peer.address})" if self.peer else ""
+        return f"inbound bulk connection from {self.remote}{who}"
+
+    def busy(self) -> bool:
+        return self._phase in (_HDR_BODY, _PAYLOAD) or self.tcp.get_write_buffer_size() > 0
+
+    def abort(self) -> None:
+        self.state = CLOSED
+        self._cancel_timer()
+        self.tcp.abort()
+
+    def close(self) -> None:
+        self.state = CLOSED
+        self._cancel_timer()
+        self.tcp.close()
+
+
+class _BulkSender(asyncio.Protocol):
+    """Dialler side of a bulk connection: writes blobs, reads ACK bytes."""
+
+    outbound = True
+
+    def __init__(self, lane: BulkLane, address: str) -> None:
+        self.lane = lane
+        self.owner = lane.owner
+        self.address = address
+        self.remote = address
+        self.peer: Peer | None = None
+        self.tcp: asyncio.Transport | None = None
+        self.state = HANDSHAKE
+        assert self.owner.me is not None
+        self.hs = DialerHandshake(self.owner.me, self.owner.key, secrets.token_bytes(NONCE_LEN))
+        self._pre = HandshakeFrames()
+        loop = self.owner.loop
+        self.ready: asyncio.Future[BaseException | None] = loop.create_future()
+        self.last_active_at = loop.time()
+        self._acks: deque[asyncio.Future[BaseException | None]] = deque()
+        self._writable: asyncio.Future[None] | None = None
+        self.paused = False
+        self.sending = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.tcp = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
+        if not self.owner._admit(self):
+            self.state = CLOSED
+            transport.abort()
+            return
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        self._write(LANE_BULK + frame(encode(self.hs.start())))
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == CLOSED:
+            return
+        self.owner.counters["bytes_in"] += len(data)
+        self.last_active_at = self.owner.loop.time()
+        try:
+            if self.state == HANDSHAKE:
+                self._pre.feed(data)
+                msg = self._pre.next()
+                if msg is None:
+                    return
+                self._write(frame(encode(self.hs.receive(msg))))
+                assert self.hs.peer is not None
+                self.peer = Peer(self.hs.peer.id, self.address)
+                self.state = OPEN
+                self.ready.set_result(None)
+                data = self._pre.rest()
+            for byte in data:
+                if byte != ACK[0] or not self._acks:
+                    raise RemoteProtocolError(f"unexpected byte {byte:#04x} instead of a bulk ACK")
+                fut = self._acks.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+        except RemoteProtocolError as exc:
+            self.owner._remote_error(self, exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = CLOSED
+        failure = TransportError(f"bulk connection to {self.address} lost: {exc or 'closed by peer'}")
+        if not self.ready.done():
+            self.ready.set_result(exc or failure)
+        while self._acks:
+            fut = self._acks.popleft()
+            if not fut.done():
+                fut.set_result(failure)
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self.lane._lost_sender(self)
+        self.owner._lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    async def send(self, header: bytes, data: memoryview) -> None:
+        """Write one blob and wait for the receiver's ACK."""
+        loop = self.owner.loop
+        ack: asyncio.Future[BaseException | None] = loop.create_future()
+        self._acks.append(ack)
+        self.sending = True
+        try:
+            self._write(len(header).to_bytes(HEADER, "big") + header)
+            for start in range(0, len(data), CHUNK):
+                while self.paused and self.state == OPEN:
+                    self._writable = loop.create_future()
+                    await self._writable
+                if self.state != OPEN:
+                    break
+                self._write(data[start : start + CHUNK])
+            failure = await ack
+        finally:
+            self.sending = False
+        if failure is not None:
+            raise failure
+
+    def _write(self, data: bytes | memoryview) -> None:
+        assert self.tcp is not None
+        self.tcp.write(data)
+        self.owner.counters["bytes_out"] += len(data)
+        self.last_active_at = self.owner.loop.time()
+
+    def describe(self) -> str:
+        return f"outbound bulk connection to {self.address}"
+
+    def busy(self) -> bool:
+        return self.sending or (self.tcp is not None and self.tcp.get_write_buffer_size() > 0)
+
+    def abort(self) -> None:
+        self.state = CLOSED
+        if self.tcp is not None:
+            self.tcp.abort()
+
+    def close(self) -> None:
+        self.state = CLOSED
+        if self.tcp is not None:
+            self.tcp.close()
+
+
+class BulkLane:
+    """Send and receive tensors on the bulk lane; owned by a :class:`~mlfabric.runtime.transport.Transport`."""
+
+    def __init__(self, owner: Transport, on_blob: BlobHandler | None = None) -> None:
+        self.owner = owner
+        self.received: asyncio.Queue[tuple[Peer, str, TensorBlob]] = asyncio.Queue()
+        self._on_blob = on_blob
+        self._senders: dict[str, _BulkSender] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def send(self, address: str, name: str, blob: TensorBlob, *, timeout: float | None = None) -> None:
+        """Send ``blob`` to ``address``; returns once the peer has received all of it.
+
+        Raises :class:`TransportError` when the peer cannot be reached or the connection is lost, and
+        ``TimeoutError`` after ``timeout`` seconds. ``blob.data`` must not change until this returns.
+        """
+        if len(name) > MAX_NAME:
+            raise LocalProtocolError(f"tensor name longer than {MAX_NAME} characters")
+        if self.owner.closing or self.owner.me is None:
+            raise TransportError("transport is closed")
+        header = pack_header(name, blob)
+        data = memoryview(blob.data).cast("B")
+        lock = self._locks.setdefault(address, asyncio.Lock())
+        async with asyncio.timeout(timeout), lock:
+            sender = self._senders.get(address)
+            if sender is None or sender.state != OPEN:
+                sender = await self._dial(address)
+            await sender.send(header, data)
+        counters = self.owner.counters
+        counters["bulk_out"] += 1
+        counters["bulk_bytes_out"] += len(data)
+
+    async def _dial(self, address: str) -> _BulkSender:
+        owner = self.owner
+        try:
+            host, port = parse_address(address)
+        except ValueError as exc:
+            raise TransportError(str(exc)) from None
+        if not owner._make_room():
+            raise TransportError(f"max_connections ({owner.cfg.max_connections}) reached")
+        sender = _BulkSender(self, address)
+        try:
+            async with asyncio.timeout(owner.cfg.connect_timeout):
+                await owner.loop.create_connection(lambda: sender, host, port)
+                failure = await sender.ready
+        except (OSError, TimeoutError) as exc:
+            sender.abort()
+            owner.counters["connect_failures"] += 1
+            raise TransportError(f"cannot reach {address} on the bulk lane: {exc or type(exc).__name__}") from None
+        except BaseException:
+            sender.abort()
+            raise
+        if failure is not None:
+            owner.counters["connect_failures"] += 1
+            raise TransportError(f"bulk handshake with {address} failed: {failure}")
+        self._senders[address] = sender
+        return sender
+
+    def _accept(self, tcp: asyncio.Transport, remote: str) -> _BulkReceiver:
+        return _BulkReceiver(self, tcp, remote or peername(tcp))
+
+    def _lost_sender(self, sender: _BulkSender) -> None:
+        if self._senders.get(sender.address) is sender:
+            del self._senders[sender.address]
+            lock = self._locks.get(sender.address)
+            if lock is not None and not lock.locked():
+                del self._locks[sender.address]
+
+    def _deliver(self, src: Peer, name: str, blob: TensorBlob) -> None:
+        try:
+            if self._on_blob is not None:
+                self._on_blob(src, name, blob)
+            else:
+                self.received.put_nowait((src, name, blob))
+        except Exception:
+            self.owner.counters["handler_errors"] += 1
+            logger.exception("blob handler failed on %r from %s", name, src.address)
+
+    async def close(self) -> None:
+        for sender in list(self._senders.values()):
+            sender.close()
+        self._senders.clear()

@@ -1,0 +1,332 @@
+"""Daemon lifecycle: identity on disk, transport + driver + control endpoint, graceful SIGTERM.
+
+``data_dir`` holds ``node.key`` (32 random bytes, 0600, written atomically: the node id is
+``ring_id(key)``, so a restart with the same data dir keeps its id), ``control`` (the control
+endpoint's bound address, for ``mlfabric status --data-dir``) and ``lock`` (one daemon per data dir).
+On SIGINT/SIGTERM the node leaves gracefully (Chord §4.4: Leaving to predecessor and successor),
+waits a bounded time for those frames to go out, and stops. Every task is owned by the component
+that created it and is cancelled on stop. A node that does not train never imports torch
+(``/status`` reports ``torch_loaded``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import random
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from mlfabric import __version__
+from mlfabric.config import Settings, parse_address
+from mlfabric.core.events import Event, Joined, Left, PeerUnresponsive, PredecessorChanged, SuccessorChanged
+from mlfabric.core.node import NodeCore
+from mlfabric.core.ring import BITS, ring_id
+from mlfabric.errors import ConfigError
+from mlfabric.runtime.bulk import BlobHandler
+from mlfabric.runtime.control import ControlServer, Response
+from mlfabric.runtime.driver import NodeDriver
+from mlfabric.runtime.transport import Transport
+from mlfabric.wire.messages import Peer
+
+logger = logging.getLogger(__name__)
+
+KEY_FILE = "node.key"
+CONTROL_FILE = "control"
+LOCK_FILE = "lock"
+KEY_LEN = 32
+
+
+# -------------------------------------------------------------------- identity and files
+
+
+def _write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_identity(data_dir: Path) -> bytes:
+    """The node key in ``data_dir`` (created on first start). Raises ConfigError if it is unusable."""
+    path = data_dir / KEY_FILE
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        key = secrets.token_bytes(KEY_LEN)
+        _write_atomic(path, key, 0o600)
+        logger.info("created node key %s", path)
+        return key
+    except OSError as exc:
+        raise ConfigError(f"cannot read node key {path}: {exc.strerror}") from None
+    if len(key) != KEY_LEN:
+        raise ConfigError(f"{path} is not a node key (expected {KEY_LEN} bytes, found {len(key)})")
+    return key
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# -------------------------------------------------------------------- logging
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (unix seconds), level, logger, msg, and exc when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "pid": record.process,
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+# -------------------------------------------------------------------- the daemon
+
+
+class Daemon:
+    """One mlfabric node. ``await start()``, then ``await stop()``; or ``await run()`` for the CLI."""
+
+    def __init__(self, settings: Settings, *, rng_seed: int | None = None, on_blob: BlobHandler | None = None) -> None:
+        self.settings = settings
+        self.rng_seed = secrets.randbits(64) if rng_seed is None else rng_seed
+        self._on_blob = on_blob
+        self.data_dir = Path(settings.data_dir)
+        self.peer: Peer | None = None
+        self.core: NodeCore | None = None
+        self.driver: NodeDriver | None = None
+        self.transport: Transport | None = None
+        self.control: ControlServer | None = None
+        self.control_address: str | None = None
+        self._lock_fd: int | None = None
+        self._started_at = 0.0
+        self._stop_requested: asyncio.Event | None = None
+        self._stopped = False
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def address(self) -> str:
+        assert self.peer is not None, "daemon not started"
+        return self.peer.address
+
+    @property
+    def node_id(self) -> int:
+        assert self.peer is not None, "daemon not started"
+        return self.peer.id
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ConfigError(f"cannot create data_dir {self.data_dir}: {exc.strerror}") from None
+        self._lock_data_dir()
+        try:
+            await self._start_components(settings)
+        except BaseException:
+            await self._teardown()
+            raise
+        self._started_at = loop.time()
+        logger.info("node %016x listening on %s, control %s (data_dir %s, rng seed %d)",
+                    self.node_id, self.address, self.control_address, self.data_dir, self.rng_seed)
+
+    async def _start_components(self, settings: Settings) -> None:
+        node_key = load_identity(self.data_dir)
+        cluster_key = settings.key_bytes()
+        host, port = parse_address(settings.listen, allow_zero=True)
+        self.transport = Transport(settings.transport, cluster_key, on_blob=self._on_blob)
+        try:
+            real_port = await self.transport.bind(host, port)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {settings.listen}: {exc.strerror or exc}") from None
+        advertise = settings.advertise or format_address(host, real_port)
+        if settings.advertise is None and host in ("0.0.0.0", "::", ""):
+            logger.warning("listening on a wildcard address without --advertise: peers are told %s", advertise)
+        self.peer = Peer(ring_id(node_key), advertise)
+        self.core = NodeCore(self.peer, settings.overlay, random.Random(self.rng_seed))
+        self.driver = NodeDriver(self.core, self.transport)
+        self.driver.listeners.append(self._log_event)
+        await self.transport.start(self.peer, self.driver.on_message, self.driver.on_unreachable)
+        self.control = ControlServer({"/status": self._status_route, "/lookup": self._lookup_route})
+        chost, cport = parse_address(settings.control, allow_zero=True)
+        try:
+            self.control_address = await self.control.start(chost, cport)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on control {settings.control}: {exc.strerror or exc}") from None
+        _write_atomic(self.data_dir / CONTROL_FILE, self.control_address.encode() + b"\n", 0o644)
+        self.driver.start(list(settings.seeds))
+
+    async def stop(self, *, leave: bool = True, timeout: float | None = None) -> None:
+        """Leave the ring (bounded wait for the Leaving frames), then close everything. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if leave and self.driver is not None and self.transport is not None and self.core is not None:
+            if self.core.chord.joined:
+                self.driver.leave()
+                wait = self.settings.transport.connect_timeout if timeout is None else timeout
+                await self.transport.drain(wait)
+        await self._teardown()
+        logger.info("node stopped")
+
+    async def _teardown(self) -> None:
+        if self.driver is not None:
+            self.driver.stop()
+        if self.control is not None:
+            await self.control.close()
+        if self.transport is not None:
+            await self.transport.close()
+        with contextlib.suppress(OSError):
+            (self.data_dir / CONTROL_FILE).unlink()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def request_stop(self) -> None:
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def run(self, *, announce: TextIO | None = None) -> None:
+        """Start, print the ready line, serve until SIGINT/SIGTERM (or request_stop), then stop."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                installed.append(sig)
+        try:
+            out = announce or sys.stdout
+            print(f"mlfabric node {self.node_id:016x} listening on {self.address} control {self.control_address}",
+                  file=out, flush=True)
+            assert self._stop_requested is not None
+            await self._stop_requested.wait()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        logger.info("received %s: leaving the ring", sig.name)
+        self.request_stop()
+
+    def _lock_data_dir(self) -> None:
+        path = self.data_dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(f"data_dir {self.data_dir} is in use by another node") from None
+        self._lock_fd = fd
+
+    # ---------------------------------------------------------------- status and control routes
+
+    def status(self) -> dict[str, Any]:
+        assert self.core is not None and self.transport is not None
+        out = self.core.status()
+        out["uptime_s"] = round(asyncio.get_running_loop().time() - self._started_at, 3)
+        out["pid"] = os.getpid()
+        out["version"] = __version__
+        out["control"] = self.control_address
+        out["torch_loaded"] = "torch" in sys.modules
+        out["rss_bytes"] = _rss_bytes()
+        out["time_unix"] = time.time()
+        out["transport"] = dict(self.transport.counters)
+        out["open_connections"] = self.transport.open_connections
+        out["peers"] = self.transport.peers()
+        return out
+
+    async def _status_route(self, query: dict[str, str]) -> Response:
+        return Response.json(self.status())
+
+    async def _lookup_route(self, query: dict[str, str]) -> Response:
+        assert self.driver is not None
+        raw = query.get("key")
+        if raw is None:
+            return Response.error(400, "missing key parameter")
+        try:
+            key = int(raw, 0)
+        except ValueError:
+            return Response.error(400, f"key {raw!r} is not an integer")
+        if not 0 <= key < 1 << BITS:
+            return Response.error(400, f"key must be in 0..2^{BITS}-1")
+        overlay = self.settings.overlay
+        limit = overlay.rpc_timeout * 8 + 2.0
+        try:
+            done = await self.driver.lookup(key, timeout=limit)
+        except TimeoutError:
+            return Response.error(504, f"lookup did not finish within {limit:g}s")
+        body: dict[str, Any] = {"key": key, "node": done.node.to_json() if done.node else None,
+                                "hops": done.hops, "elapsed_s": round(done.elapsed, 6)}
+        if done.node is None:
+            body["error"] = "lookup failed"
+            return Response.json(body, 503)
+        return Response.json(body)
+
+    def _log_event(self, event: Event) -> None:
+        match event:
+            case Joined(successor=succ):
+                logger.info("joined the ring: successor %016x at %s", succ.id, succ.address)
+            case Left():
+                logger.info("left the ring")
+            case PeerUnresponsive(peer=peer):
+                logger.info("peer %016x at %s unresponsive: removed from routing state", peer.id, peer.address)
+            case SuccessorChanged(successor=succ):
+                logger.debug("successor now %016x at %s", succ.id, succ.address)
+            case PredecessorChanged(predecessor=pred):
+                logger.debug("predecessor now %s", f"{pred.id:016x} at {pred.address}" if pred else "none")
+            case _:
+                pass
