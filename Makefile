@@ -49,8 +49,8 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	@echo ">> installing torch==$(TORCH_VERSION) (CPU build), then mlfabric[dev] into $(VENV)"
-	@$(PIP) install --quiet "torch==$(TORCH_VERSION)"
-	@$(PIP) install --quiet -e '.[dev]' "torch==$(TORCH_VERSION)"
+	@$(PIP) install -qq "torch==$(TORCH_VERSION)"
+	@$(PIP) install -qq -e '.[dev]' "torch==$(TORCH_VERSION)"
 	@touch $@
 
 bootstrap: $(STAMP) system-deps
