@@ -40,6 +40,7 @@ from mlfabric.wire.messages import (
     Peer,
     Ping,
     Pong,
+    SuccessorHint,
 )
 
 # Lookup purposes
@@ -188,6 +189,8 @@ class ChordMachine:
                 self._on_notify(src)
             case Ping(seq=seq):
                 self._send(src.address, Pong(seq=seq))
+            case SuccessorHint(candidate=cand):
+                self._on_hint(cand, now)
             case Leaving(predecessor=pred, successors=succs):
                 self._on_leaving(src, pred, succs)
             case FindSuccessorReply(req=req) | Neighbors(req=req) | Pong(seq=req):
@@ -447,11 +450,25 @@ class ChordMachine:
     def _on_notify(self, src: Peer) -> None:
         if src.id == self.me.id or not self.joined:
             return
-        if self.predecessor is None or in_open(src.id, self.predecessor.id, self.me.id):
+        old = self.predecessor
+        if old is None or in_open(src.id, old.id, self.me.id):
             self._set_predecessor(src)
+            if old is not None and old.id != src.id:
+                # the old predecessor's successor pointer now skips src: tell it at once
+                self._send(old.address, SuccessorHint(candidate=src))
+        elif old.id != src.id:
+            # src skips our predecessor: tell it instead of letting it wait for its next stabilize
+            self._send(src.address, SuccessorHint(candidate=old))
         if not self.successors:
             # Alone in the ring until now: the first node to notify us is also our successor.
             self._set_successors([src])
+
+    def _on_hint(self, cand: Peer, now: float) -> None:
+        if not self.joined or cand.id == self.me.id:
+            return
+        if not self.successors or in_open(cand.id, self.me.id, self.successor.id):
+            self._set_successors([cand, *self.successors])
+            self._stabilize_at = now  # verify the candidate and notify it straight away
 
     def _on_leaving(self, src: Peer, pred: Peer | None, succs: tuple[Peer, ...]) -> None:
         if self.successors and self.successors[0].id == src.id:
@@ -482,6 +499,7 @@ class ChordMachine:
             assert isinstance(msg, Neighbors)
             self._stabilizing = False
             if not self.successors or self.successors[0].id != succ.id:
+                self._stabilize_at = t  # the successor changed meanwhile (a hint): check the new one now
                 return
             x = msg.predecessor
             new_list = [succ, *msg.successors]
@@ -535,7 +553,9 @@ class ChordMachine:
             self._route_dirty = True
             return
         self._finger_cursor = i
-        self._finger_lookup = self._start_lookup(finger_start(self.me.id, i), FINGER, now, finger=i)
+        token = self._start_lookup(finger_start(self.me.id, i), FINGER, now, finger=i)
+        # a lookup answered from our own table finishes inside _start_lookup
+        self._finger_lookup = token if token in self._lookups else None
 
     def _on_finger_found(self, i: int, node: Peer) -> None:
         me = self.me.id

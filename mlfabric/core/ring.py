@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left
 
 BITS = 64
 SIZE = 1 << BITS
@@ -38,7 +39,23 @@ def finger_start(n: int, i: int) -> int:
 
 def successor_of(key: int, sorted_ids: list[int]) -> int:
     """The true successor of key among sorted_ids (used by simulators and checks, not by nodes)."""
-    from bisect import bisect_left
-
     i = bisect_left(sorted_ids, key)
     return sorted_ids[i % len(sorted_ids)]
+
+
+def ideal_routing(node: int, sorted_ids: list[int]) -> tuple[int, int, list[int]]:
+    """(predecessor, successor, fingers) that ``node`` holds in a converged ring of ``sorted_ids``.
+
+    Used to check convergence, both in the simulator and against real daemons' status JSON.
+    """
+    n = len(sorted_ids)
+    i = bisect_left(sorted_ids, node)
+    if i >= n or sorted_ids[i] != node:
+        raise ValueError(f"{node} is not one of the ids")
+    pred = sorted_ids[i - 1]
+    succ = sorted_ids[(i + 1) % n]
+    fingers = []
+    for b in range(BITS):
+        j = bisect_left(sorted_ids, (node + (1 << b)) & MASK)
+        fingers.append(sorted_ids[j % n])
+    return pred, succ, fingers

@@ -326,3 +326,13 @@ class Leaving(Message):
 
     predecessor: Peer | None = f(OPT_PEER)
     successors: tuple[Peer, ...] = f(PEERS)
+
+
+@wire(18)
+@dataclass(frozen=True, slots=True)
+class SuccessorHint(Message):
+    """"A node between you and your successor exists": sent by a node whose predecessor changed (to the
+    old predecessor) or that was notified by a node that is not its predecessor (to that node). The
+    receiver verifies the candidate by stabilizing with it; a hint is never trusted blindly."""
+
+    candidate: Peer = f(PEER)
