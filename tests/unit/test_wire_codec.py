@@ -124,7 +124,10 @@ def sample_messages(cls: type[m.Message]) -> list[m.Message]:
     """Instances of cls using each field's edge values (variant i takes value i of every field)."""
     columns = [valid_values(kind) for _, kind in cls.KINDS]
     count = max((len(c) for c in columns), default=1)
-    return [cls(**{name: col[i % len(col)] for (name, _), col in zip(cls.KINDS, columns, strict=True)}) for i in range(count)]
+    return [
+        cls(**{name: col[i % len(col)] for (name, _), col in zip(cls.KINDS, columns, strict=True)})
+        for i in range(count)
+    ]
 
 
 def raw_body(msg: m.Message) -> list[Any]:
@@ -287,9 +290,7 @@ def test_omitted_defaulted_field_takes_its_default() -> None:
     assert decode(pack(1, m.Hello.TYPE_ID, body)).version == m.PROTOCOL_VERSION
 
 
-@pytest.mark.parametrize(
-    "cls", [cls for _, cls in REGISTERED if cls.REQUIRED], ids=lambda c: c.__name__
-)
+@pytest.mark.parametrize("cls", [cls for _, cls in REGISTERED if cls.REQUIRED], ids=lambda c: c.__name__)
 def test_missing_required_field_is_rejected(cls: type[m.Message]) -> None:
     body = raw_body(sample_messages(cls)[0])
     for keep in range(cls.REQUIRED):
