@@ -42,6 +42,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         log_format=args.log_format,
     )
+    settings.key_bytes()  # an unreadable key file is a configuration error: report it before logging starts
     configure_logging(settings.log_level, settings.log_format)
     run(Daemon(settings).run())
     return 0

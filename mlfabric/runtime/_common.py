@@ -60,6 +60,10 @@ class HandshakeFrames:
     def __init__(self) -> None:
         self._buf = bytearray()
 
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
 

@@ -183,14 +183,14 @@ class Daemon:
                     self.node_id, self.address, self.control_address, self.data_dir, self.rng_seed)
 
     async def _start_components(self, settings: Settings) -> None:
-        node_key = load_identity(self.data_dir)
-        cluster_key = settings.key_bytes()
+        cluster_key = settings.key_bytes()  # configuration errors first, before anything is written
         host, port = parse_address(settings.listen, allow_zero=True)
         self.transport = Transport(settings.transport, cluster_key, on_blob=self._on_blob)
         try:
             real_port = await self.transport.bind(host, port)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {settings.listen}: {exc.strerror or exc}") from None
+        node_key = load_identity(self.data_dir)
         advertise = settings.advertise or format_address(host, real_port)
         if settings.advertise is None and host in ("0.0.0.0", "::", ""):
             logger.warning("listening on a wildcard address without --advertise: peers are told %s", advertise)

@@ -195,7 +195,7 @@ class _ControlConn(asyncio.Protocol):
             self.owner.counters["handshake_timeouts"] += 1
             logger.warning(
                 "closing inbound connection from %s: no handshake within %.1fs (%d bytes buffered)",
-                self.remote, self.owner.cfg.handshake_timeout, len(self._pre.rest()),
+                self.remote, self.owner.cfg.handshake_timeout, self._pre.buffered,
             )
             self.abort()
 
