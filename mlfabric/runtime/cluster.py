@@ -344,6 +344,7 @@ async def check_lookups(
         "wrong": sum(1 for r in results if not r["ok"] and not r.get("failed") and "error" not in r),
         "hops": [r["hops"] for r in results if "hops" in r],
         "elapsed_s": [r["elapsed_s"] for r in results if r.get("elapsed_s") is not None],
+        "rtt_s": [r["rtt_s"] for r in results if "rtt_s" in r],
     }
 
 

@@ -239,3 +239,26 @@ async def test_connections_over_max_connections_are_rejected(daemon_factory, cap
     finally:
         for _, writer in conns:
             writer.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"\x00\xff garbage \r\n\r\n", 400),
+        (b"GET /status\r\n\r\n", 400),
+        (b"POST /status HTTP/1.1\r\n\r\n", 405),
+        (b"GET /" + b"a" * 10000, 413),
+    ],
+    ids=["binary", "no-version", "post", "oversized"],
+)
+async def test_control_endpoint_rejects_garbage(daemon_factory, request_bytes: bytes, status: int) -> None:
+    a = await daemon_factory()
+    reader, writer = await connect(a.control_address)
+    try:
+        writer.write(request_bytes)
+        async with asyncio.timeout(3):
+            answer = await reader.read()  # the server answers and closes
+    finally:
+        writer.close()
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()) and b"Connection: close" in answer
+    assert (await get_json(a.control_address, "/status"))[0] == 200
