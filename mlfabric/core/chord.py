@@ -15,8 +15,8 @@ from __future__ import annotations
 import random
 from bisect import bisect_left
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from mlfabric.config import OverlayConfig
 from mlfabric.core.events import (
@@ -260,6 +260,8 @@ class ChordMachine:
             out.append(s)
             if len(out) >= self.cfg.successors:
                 break
+        if out == self.successors:
+            return
         old = self.successors[0] if self.successors else None
         self.successors = out
         self._route_dirty = True
@@ -395,15 +397,13 @@ class ChordMachine:
             else:
                 self._lookup_next(lk, now)
             return
-        key = lk.key
-        fresh = [p for p in msg.nodes if p.id not in lk.tried and p.id != self.me.id]
-        # keep the older candidates as fallbacks behind the responder's better ones
-        merged = {p.id: p for p in lk.candidates}
-        for p in fresh:
-            merged[p.id] = p
-        lk.candidates = sorted(merged.values(), key=lambda p: distance(p.id, key))
-        if lk.purpose == JOIN and not lk.candidates and not msg.nodes:
-            lk.candidates = []
+        # The responder's nodes (best first) lie between it and the key, so they are closer than every
+        # remaining candidate of ours: try them first and keep ours as fallbacks for dead hops.
+        tried = lk.tried
+        fresh = [p for p in msg.nodes if p.id not in tried and p.id != self.me.id]
+        if fresh:
+            ids = {p.id for p in fresh}
+            lk.candidates = fresh + [p for p in lk.candidates if p.id not in ids]
         self._lookup_next(lk, now)
 
     def _finish_lookup(self, lk: _Lookup, node: Peer | None, now: float,
@@ -542,15 +542,18 @@ class ChordMachine:
             self.fingers = [self.me] * BITS
             return
         succ = self.successors[0]
-        self.fingers[0] = succ
+        if self.fingers[0] != succ:
+            self.fingers[0] = succ
+            self._route_dirty = True
         i = self._finger_cursor
         # fingers whose start lies in (me, succ] are the successor: no lookup needed
         while i < BITS and in_half_open(finger_start(self.me.id, i), self.me.id, succ.id):
-            self.fingers[i] = succ
+            if self.fingers[i] != succ:
+                self.fingers[i] = succ
+                self._route_dirty = True
             i += 1
         if i >= BITS:
             self._finger_cursor = 0
-            self._route_dirty = True
             return
         self._finger_cursor = i
         token = self._start_lookup(finger_start(self.me.id, i), FINGER, now, finger=i)
@@ -560,11 +563,15 @@ class ChordMachine:
     def _on_finger_found(self, i: int, node: Peer) -> None:
         me = self.me.id
         reach = distance(me, node.id) if node.id != me else MASK + 1
-        self.fingers[i] = node
+        fingers = self.fingers
+        changed = fingers[i] != node
+        fingers[i] = node
         j = i + 1
         # every later finger whose start is still at or before node also points at node
         while j < BITS and distance(me, finger_start(me, j)) <= reach:
-            self.fingers[j] = node
+            changed = changed or fingers[j] != node
+            fingers[j] = node
             j += 1
         self._finger_cursor = 0 if j >= BITS else j
-        self._route_dirty = True
+        if changed:
+            self._route_dirty = True

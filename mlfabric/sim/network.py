@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable
 from mlfabric.core.events import Event
 from mlfabric.core.node import NodeCore
 from mlfabric.wire.codec import decode, encode
-from mlfabric.wire.messages import Message
 
 _DELIVER, _FIRE, _CALL = 0, 1, 2
 

@@ -70,7 +70,7 @@ class RingSim:
         first = self.peers[0].address
         self.net.call_at(0.0, lambda: self._bootstrap(first, []))
         started: list[tuple[float, str]] = [(0.0, first)]
-        for t, peer in zip(times, self.peers[1:]):
+        for t, peer in zip(times, self.peers[1:], strict=True):
             eligible = [a for s, a in started if s <= t - settle] or [first]
             seed = eligible[self.rng.randrange(len(eligible))]
             self.net.call_at(t, lambda a=peer.address, s=seed: self._bootstrap(a, [s]))
@@ -93,7 +93,7 @@ class RingSim:
         pred, succ, fingers = ideal
         if c.predecessor is None or c.predecessor.id != pred or c.successor.id != succ:
             return False
-        return all(f is not None and f.id == want for f, want in zip(c.fingers, fingers))
+        return all(f is not None and f.id == want for f, want in zip(c.fingers, fingers, strict=True))
 
     def converged(self, ideal: dict[str, tuple[int, int, list[int]]] | None = None, full: bool = False) -> bool:
         ideal = ideal or self._ideal()
@@ -175,7 +175,7 @@ def run_ring(
             progress("joining", k / steps)
     converged_at = sim.run_until_converged(check_every=cfg.stabilize_interval, limit=converge_limit, progress=progress)
     build_messages = sim.net.messages
-    results = sim.run_lookups(lookups, rate=max(100.0, lookups / 20), progress=progress)
+    results = sim.run_lookups(lookups, rate=max(1000.0, lookups / 4), progress=progress)
     correct = sum(1 for r, truth in results if r.node is not None and r.node.id == truth)
     hops = sorted(r.hops for r, _ in results if r.node is not None)
     out: dict[str, Any] = {
