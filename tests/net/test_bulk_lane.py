@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import random
 
 import pytest
@@ -27,8 +28,8 @@ async def test_50_megabyte_blob_arrives_intact(daemon_factory) -> None:
         src, name, got = await b.transport.bulk.received.get()
     assert (src.id, src.address, name) == (a.node_id, a.address, "layer0.weight")
     assert (got.dtype, got.shape, got.nbytes) == ("float32", blob.shape, 50 * MB)
-    # received straight into one preallocated bytearray: the blob is a view of it, no copy made
-    assert isinstance(got.data, memoryview) and isinstance(got.data.obj, bytearray)
+    # received straight into one preallocated buffer (a populated mapping): the blob is a view of it
+    assert isinstance(got.data, memoryview) and not got.data.readonly and isinstance(got.data.obj, mmap.mmap)
     assert got.data == payload
     assert b.transport.counters["bulk_bytes_in"] == 50 * MB and a.transport.counters["bulk_out"] == 1
 
@@ -74,3 +75,22 @@ async def test_bulk_send_to_nobody_fails_fast(daemon_factory) -> None:
     with pytest.raises(TransportError, match="cannot reach"):
         async with asyncio.timeout(5):
             await a.transport.bulk.send(address, "w", TensorBlob("uint8", (1,), b"x"))
+
+
+async def test_payload_can_land_in_a_buffer_the_receiver_provides(daemon_factory) -> None:
+    a = await daemon_factory()
+    b = await daemon_factory()
+    target = bytearray(4 * 1000)  # e.g. a preallocated tensor's storage
+    seen = []
+
+    def allocate(src, name, dtype, shape, nbytes):
+        seen.append((src.id, name, dtype, shape, nbytes))
+        return target if name == "into-target" else None
+
+    b.transport.bulk.allocate = allocate
+    payload = bytes(range(256)) * 15 + bytes(160)
+    async with asyncio.timeout(10):
+        await a.transport.bulk.send(b.address, "into-target", TensorBlob("float32", (1000,), payload))
+        _, _, got = await b.transport.bulk.received.get()
+    assert got.data.obj is target and bytes(target) == payload
+    assert seen == [(a.node_id, "into-target", "float32", (1000,), 4000)]
