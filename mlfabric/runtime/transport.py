@@ -302,7 +302,7 @@ class Transport:
         self._arm_sweep()
 
     async def drain(self, timeout: float) -> bool:
-        """Wait (bounded) until queued frames are written and dials settled; True when all went out."""
+        """Wait (bounded) until queued control frames are written and dials settled; True when all went out."""
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -310,7 +310,7 @@ class Transport:
                         await asyncio.wait(set(self._dials))
                         continue
                     queued = any(link.queue for link in self._links.values())
-                    buffered = any(c.busy() for c in self._conns if c.state == OPEN)
+                    buffered = any(c.busy() for c in self._conns if isinstance(c, _ControlConn) and c.state == OPEN)
                     if not queued and not buffered:
                         return True
                     await asyncio.sleep(0.005)
