@@ -43,6 +43,47 @@ class OverlayConfig(BaseModel):
         return self
 
 
+class FailureConfig(BaseModel):
+    """Failure detection and propagation (DESIGN.md "Failure detection and stateless propagation").
+
+    A probe that gets no ack within ``probe_timeout`` makes the target suspect; ``indirect_checks``
+    helpers then probe it for us (SWIM §4.2) and it is declared dead only when none of them reaches
+    it within ``suspicion_timeout``. Worst case from crash to declaration at a near neighbour:
+    ``near_interval + probe_timeout + suspicion_timeout``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scheme: Literal["stateless", "stateful", "stabilize"] = Field(
+        "stateless", description="stateless: biased keep-alives + notices to the estimated holder group; "
+        "stateful: backpointers registered at each routing entry, the detector notifies them; "
+        "stabilize: no propagation, every routing entry probed every near_interval.")
+    near_interval: float = Field(1.0, gt=0, description="Seconds between probes of the predecessor and the "
+                                 "first near_successors successors.")
+    near_successors: int = Field(1, ge=1, le=64, description="Successors probed at near_interval (the rest "
+                                 "of the successor list is probed at far_interval).")
+    far_interval: float = Field(30.0, gt=0, description="Seconds between probes of each far routing entry "
+                                "(stateless: a safety net behind propagation).")
+    probe_timeout: float = Field(0.5, gt=0, description="Seconds to wait for a direct ack before asking helpers.")
+    indirect_checks: int = Field(2, ge=0, le=8, description="Helpers asked to probe a suspect on our behalf.")
+    suspicion_timeout: float = Field(1.0, gt=0, description="Seconds a suspect has to answer any indirect "
+                                     "probe before it is declared dead.")
+    refresh_interval: float = Field(10.0, gt=0, description="stateful only: seconds between backpointer "
+                                    "registration refreshes and backpointer-set copies to the neighbours.")
+    dead_ttl: float = Field(60.0, gt=0, description="Seconds a declared death is remembered: duplicate notices "
+                            "are dropped and hearsay about the dead node is ignored (direct contact clears it).")
+    stall_threshold: float = Field(2.0, gt=0, description="A timer that fires this many seconds late means this "
+                                   "process was stalled: its own probe timeouts are then not held against peers.")
+
+    @model_validator(mode="after")
+    def _timeouts_fit(self) -> Self:
+        if self.probe_timeout >= self.near_interval:
+            raise ValueError("failure.probe_timeout must be shorter than failure.near_interval")
+        if self.far_interval < self.near_interval:
+            raise ValueError("failure.far_interval must be at least failure.near_interval")
+        return self
+
+
 class TransportConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -79,8 +120,9 @@ class Settings(BaseSettings):
     cluster_key_file: Path | None = Field(None, description="File holding the cluster key (first line).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON objects.")
-    overlay: OverlayConfig = Field(default_factory=OverlayConfig)
-    transport: TransportConfig = Field(default_factory=TransportConfig)
+    overlay: OverlayConfig = Field(default_factory=OverlayConfig, description="Chord overlay timers and sizes.")
+    failure: FailureConfig = Field(default_factory=FailureConfig, description="Failure detection and propagation.")
+    transport: TransportConfig = Field(default_factory=TransportConfig, description="TCP lanes and their limits.")
 
     @field_validator("listen", "control")
     @classmethod
@@ -150,6 +192,14 @@ PRESETS: dict[str, dict[str, Any]] = {
             "rpc_timeout": 0.5,
             "join_retry_interval": 0.5,
         },
+        "failure": {
+            "near_interval": 0.3,
+            "probe_timeout": 0.25,
+            "suspicion_timeout": 0.5,
+            "far_interval": 3.0,
+            "refresh_interval": 2.0,
+            "dead_ttl": 20.0,
+        },
         "transport": {"connect_timeout": 1.0, "handshake_timeout": 1.0},
     },
     "lan": {},
@@ -160,6 +210,15 @@ PRESETS: dict[str, dict[str, Any]] = {
             "check_predecessor_interval": 3.0,
             "rpc_timeout": 5.0,
             "join_retry_interval": 10.0,
+        },
+        "failure": {
+            "near_interval": 3.0,
+            "probe_timeout": 2.0,
+            "suspicion_timeout": 4.0,
+            "far_interval": 60.0,
+            "refresh_interval": 30.0,
+            "dead_ttl": 180.0,
+            "stall_threshold": 6.0,
         },
         "transport": {"connect_timeout": 10.0, "handshake_timeout": 10.0},
     },

@@ -100,6 +100,10 @@ class ChordMachine:
         self._route_dirty = True
         self._route_dist: list[int] = []
         self._route_peers: list[Peer] = []
+        # Hooks for a failure detector (core/failure.py). Without one, a timed-out peer is forgotten.
+        self.is_dead: Callable[[int], bool] = lambda node_id: False
+        self.on_unresponsive: Callable[[Peer, float], None] | None = None
+        self.check_predecessor_enabled = True
         self.counters: dict[str, int] = {
             "lookups_started": 0,
             "lookups_ok": 0,
@@ -253,8 +257,9 @@ class ChordMachine:
     def _set_successors(self, succs: list[Peer]) -> None:
         out: list[Peer] = []
         seen = set()
+        is_dead = self.is_dead
         for s in succs:
-            if s.id == self.me.id or s.id in seen:
+            if s.id == self.me.id or s.id in seen or is_dead(s.id):
                 continue
             seen.add(s.id)
             out.append(s)
@@ -303,29 +308,42 @@ class ChordMachine:
         i = bisect_left(dists, distance(self.me.id, key))
         return [peers[j] for j in range(i - 1, max(i - 1 - limit, -1), -1)]
 
-    def _forget(self, peer: Peer, now: float) -> None:
-        """Remove an unresponsive peer from all routing state."""
-        changed = False
+    def _unresponsive(self, peer: Peer, now: float) -> None:
+        """A request to ``peer`` timed out: let the failure detector check it, or forget it."""
+        if self.on_unresponsive is not None:
+            self.on_unresponsive(peer, now)
+        elif self.remove_dead(peer, None):
+            self._events.append(PeerUnresponsive(peer))
+
+    def remove_dead(self, peer: Peer, replacement: Peer | None) -> bool:
+        """Drop ``peer`` from all routing state; fingers that pointed at it point at ``replacement``
+        (the dead node's successor, which is the right new finger) when given. True if it was held."""
+        held = False
         if any(s.id == peer.id for s in self.successors):
             self._set_successors([s for s in self.successors if s.id != peer.id])
-            changed = True
+            held = True
         if self.predecessor is not None and self.predecessor.id == peer.id:
             self._set_predecessor(None)
-            changed = True
+            held = True
+        if replacement is not None and (replacement.id == peer.id or self.is_dead(replacement.id)):
+            replacement = None
         for i, f in enumerate(self.fingers):
             if f is not None and f.id == peer.id:
-                self.fingers[i] = None
-                changed = True
+                self.fingers[i] = replacement if replacement is None or replacement.id != self.me.id else None
+                held = True
         if self.successors:
             self.fingers[0] = self.successors[0]
-        if changed:
+        if held:
             self._route_dirty = True
-            self._events.append(PeerUnresponsive(peer))
         if not self.successors and self.joined:
             # Successor list exhausted: fall back on the closest live entry we still know.
             _, peers = self._routing()
             if peers:
                 self._set_successors([peers[0]])
+        return held
+
+    def closest_preceding(self, key: int, limit: int) -> list[Peer]:
+        return self._closest_preceding(key, limit)
 
     # ------------------------------------------------------------------ lookups
 
@@ -362,7 +380,7 @@ class ChordMachine:
             return
         while lk.candidates:
             cand = lk.candidates.pop(0)
-            if cand.id in lk.tried or cand.id == self.me.id:
+            if cand.id in lk.tried or cand.id == self.me.id or self.is_dead(cand.id):
                 continue
             lk.tried.add(cand.id)
             self._lookup_ask(lk, cand.address, cand, now)
@@ -381,7 +399,7 @@ class ChordMachine:
 
         def on_timeout(t: float) -> None:
             if peer is not None:
-                self._forget(peer, t)
+                self._unresponsive(peer, t)
             self._lookup_next(lk, t)
 
         self._request(address, peer, lambda req: FindSuccessor(req=req, key=key), on_reply, on_timeout, now)
@@ -464,7 +482,7 @@ class ChordMachine:
             self._set_successors([src])
 
     def _on_hint(self, cand: Peer, now: float) -> None:
-        if not self.joined or cand.id == self.me.id:
+        if not self.joined or cand.id == self.me.id or self.is_dead(cand.id):
             return
         if not self.successors or in_open(cand.id, self.me.id, self.successor.id):
             self._set_successors([cand, *self.successors])
@@ -503,7 +521,7 @@ class ChordMachine:
                 return
             x = msg.predecessor
             new_list = [succ, *msg.successors]
-            if x is not None and x.id != self.me.id and in_open(x.id, self.me.id, succ.id):
+            if x is not None and x.id != self.me.id and not self.is_dead(x.id) and in_open(x.id, self.me.id, succ.id):
                 # a node joined between us and our successor: adopt it and ask it at once
                 new_list = [x, *new_list]
                 self._set_successors(new_list)
@@ -515,14 +533,15 @@ class ChordMachine:
 
         def on_timeout(t: float) -> None:
             self._stabilizing = False
-            self._forget(succ, t)
-            self._stabilize_at = t  # repair with the next successor straight away
+            self._unresponsive(succ, t)
+            if not self.successors or self.successors[0].id != succ.id:
+                self._stabilize_at = t  # it was dropped: repair with the next successor straight away
 
         self._request(succ.address, succ, lambda req: GetNeighbors(req=req), on_reply, on_timeout, now)
 
     def _check_predecessor(self, now: float) -> None:
         pred = self.predecessor
-        if pred is None or self._pinging:
+        if pred is None or self._pinging or not self.check_predecessor_enabled:
             return
         self._pinging = True
 
@@ -531,7 +550,7 @@ class ChordMachine:
 
         def on_timeout(t: float) -> None:
             self._pinging = False
-            self._forget(pred, t)
+            self._unresponsive(pred, t)
 
         self._request(pred.address, pred, lambda req: Ping(seq=req), on_reply, on_timeout, now)
 
@@ -561,6 +580,8 @@ class ChordMachine:
         self._finger_lookup = token if token in self._lookups else None
 
     def _on_finger_found(self, i: int, node: Peer) -> None:
+        if self.is_dead(node.id):
+            return
         me = self.me.id
         reach = distance(me, node.id) if node.id != me else MASK + 1
         fingers = self.fingers

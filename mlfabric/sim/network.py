@@ -51,6 +51,7 @@ class SimNetwork:
         self.bytes = 0
         self._trace = hashlib.sha256() if trace else None
         self.on_event: Callable[[str, Event], None] | None = None
+        self.on_send: Callable[[str, str, object], None] | None = None  # (src, dst, msg) for every send
 
     # ------------------------------------------------------------------ topology
 
@@ -87,8 +88,11 @@ class SimNetwork:
         out = core.drain_outbox()
         if out:
             rng = self._rng
+            on_send = self.on_send
             for dst, msg in out:
                 self.messages += 1
+                if on_send is not None:
+                    on_send(address, dst, msg)
                 if self._trace is not None:
                     self._trace.update(struct.pack(">dI", self.now, msg.TYPE_ID) + address.encode() + dst.encode())
                 if self.wire:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlfabric.config import OverlayConfig
+from mlfabric.config import FailureConfig, OverlayConfig
 from mlfabric.core.events import Event, LookupDone
 from mlfabric.core.node import NodeCore
 from mlfabric.core.ring import BITS, ideal_routing, ring_id, successor_of
@@ -32,6 +32,7 @@ class RingSim:
     n: int
     seed: int
     cfg: OverlayConfig = field(default_factory=OverlayConfig)
+    failure: FailureConfig = field(default_factory=FailureConfig)
     latency: tuple[float, float] = (0.001, 0.020)
     loss: float = 0.0
     wire: bool = False
@@ -47,13 +48,17 @@ class RingSim:
             while nid in seen:  # a 64-bit collision is astronomically rare, but never silently merge nodes
                 nid = (nid + 1) & ((1 << BITS) - 1)
             seen.add(nid)
-            peer = Peer(nid, f"s{i}:7700")
-            self.peers.append(peer)
-            self.net.add(NodeCore(peer, self.cfg, random.Random(f"{self.seed}:{i}")))
+            self._add_node(i, nid)
         self.net.on_event = self._on_event
         self.lookup_results: dict[tuple[str, int], LookupDone] = {}
         self.last_join_at = 0.0
         self._unconverged: set[str] = set()
+
+    def _add_node(self, i: int, nid: int) -> Peer:
+        peer = Peer(nid, f"s{i}:7700")
+        self.peers.append(peer)
+        self.net.add(NodeCore(peer, self.cfg, random.Random(f"{self.seed}:{i}"), failure=self.failure))
+        return peer
 
     def _on_event(self, address: str, ev: Event) -> None:
         if isinstance(ev, LookupDone):

@@ -270,13 +270,17 @@ class AuthProof(Message):
 @wire(10)
 @dataclass(frozen=True, slots=True)
 class Ping(Message):
+    """A liveness probe; ``incarnation`` is the sender's (appended in protocol 1.1, default 0)."""
+
     seq: int = f(U64)
+    incarnation: int = f(U64, 0)
 
 
 @wire(11)
 @dataclass(frozen=True, slots=True)
 class Pong(Message):
     seq: int = f(U64)
+    incarnation: int = f(U64, 0)
 
 
 @wire(12)
@@ -336,3 +340,73 @@ class SuccessorHint(Message):
     receiver verifies the candidate by stabilizing with it; a hint is never trusted blindly."""
 
     candidate: Peer = f(PEER)
+
+
+# ---------------------------------------------------------------------------------------------
+# Failure detection and propagation (core/failure.py)
+# ---------------------------------------------------------------------------------------------
+
+
+@wire(19)
+@dataclass(frozen=True, slots=True)
+class ProbeRequest(Message):
+    """SWIM ping-req: probe ``target`` for me and tell me whether it answered."""
+
+    req: int = f(U64)
+    target: Peer = f(PEER)
+
+
+@wire(20)
+@dataclass(frozen=True, slots=True)
+class ProbeResult(Message):
+    req: int = f(U64)
+    target: Peer = f(PEER)
+    alive: bool = f(BOOL)
+    incarnation: int = f(U64, 0)
+
+
+@wire(21)
+@dataclass(frozen=True, slots=True)
+class FailureNotice(Message):
+    """``dead`` (at ``incarnation``) was declared dead by ``detector``.
+
+    ``mode`` DIRECT: no forwarding (stateful scheme, or a single target). BACKWARD: the receiver
+    forwards it to its predecessor while ``back`` > 0 (the dead node's successor-list holders).
+    INTERVAL: routed towards ``start``, then walks successors while they lie in [start, end] (one
+    estimated finger-holder interval). ``replacement`` is the dead node's successor when known.
+    """
+
+    dead: Peer = f(PEER)
+    incarnation: int = f(U64)
+    detector: Peer = f(PEER)
+    mode: int = f(_Int(0, 2))
+    start: int = f(U64)
+    end: int = f(U64)
+    back: int = f(SMALL)
+    replacement: Peer | None = f(OPT_PEER)
+    hops: int = f(SMALL, 0)
+
+
+NOTICE_DIRECT, NOTICE_BACKWARD, NOTICE_INTERVAL = 0, 1, 2
+
+
+@wire(22)
+@dataclass(frozen=True, slots=True)
+class Alive(Message):
+    """Refutation: the sender is alive at ``incarnation`` (higher than any death declared for it)."""
+
+    incarnation: int = f(U64)
+
+
+@wire(23)
+@dataclass(frozen=True, slots=True)
+class Register(Message):
+    """Stateful baseline: the sender holds the receiver in its routing table (a backpointer)."""
+
+
+@wire(24)
+@dataclass(frozen=True, slots=True)
+class BackpointerCopy(Message):
+    """Stateful baseline: the sender's backpointer set, kept by its neighbours for when it dies."""
+
+    holders: tuple[Peer, ...] = f(PEERS)

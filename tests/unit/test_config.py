@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from mlfabric.config import (
     PRESETS,
+    FailureConfig,
     OverlayConfig,
     Settings,
     TransportConfig,
@@ -342,13 +343,11 @@ def test_parse_address_rejects(text: str) -> None:
         parse_address(text)
 
 
-@pytest.mark.parametrize("model", [Settings, OverlayConfig, TransportConfig], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "model", [Settings, OverlayConfig, FailureConfig, TransportConfig], ids=lambda m: m.__name__
+)
 def test_every_setting_is_documented(model: type) -> None:
-    missing = [
-        name
-        for name, field in model.model_fields.items()
-        if not field.description and name not in ("overlay", "transport")  # sections document their fields
-    ]
+    missing = [name for name, field in model.model_fields.items() if not field.description]
     assert not missing, f"{model.__name__} fields without description=: {missing}"
 
 

@@ -1,0 +1,539 @@
+"""Failure detection and failure-set propagation, sans-IO (Mizutani, IEEE Access 9, 2021; SWIM §4).
+
+Detection: biased keep-alives. The predecessor and the first ``near_successors`` successors are
+probed every ``near_interval``; the other routing entries (far fingers, the rest of the successor
+list) every ``far_interval``. A probe unanswered within ``probe_timeout`` makes the target a suspect;
+``indirect_checks`` helpers probe it on our behalf (SWIM ping-req) and only when none of them reaches
+it within ``suspicion_timeout`` is it declared dead. Incarnation numbers let a node declared dead by
+mistake refute it (``Alive``); any direct message from a node clears its death mark, so a node that
+comes back (or was only stalled) rejoins. A timer that fires ``stall_threshold`` late means *this*
+process was stalled, and its own timed-out probes are not held against peers.
+
+Propagation, three schemes (``FailureConfig.scheme``):
+
+* ``stateless`` (the paper): no backpointers. With p = pred(f) on a 2^m ring, node y holds f as
+  finger i exactly when y + 2^i lies in (p, f], i.e. y in (p - 2^i, f - 2^i]. The detector sends a
+  notice into each of these intervals (routed to its start, then walked along successors), one
+  notice backwards along f's r predecessors (their successor lists hold f) and one to succ(f) (its
+  predecessor pointer). :func:`holder_intervals` is the pure estimate.
+* ``stateful`` (boosting with backpointers, Zhuang et al. INFOCOM 2005): the same biased probing,
+  and every node registers with each of its routing entries (at once when an entry appears, and
+  every ``refresh_interval``; a backpointer expires after 3 refreshes); each node copies its
+  backpointer set to its predecessor and successor, so the detector of f (a neighbour of f) holds
+  f's set and notifies every holder directly.
+* ``stabilize``: no propagation; every routing entry is probed every ``near_interval``.
+
+Must not import asyncio, socket, time, threading or torch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from mlfabric.config import FailureConfig
+from mlfabric.core.chord import ChordMachine
+from mlfabric.core.events import Event
+from mlfabric.core.ring import BITS, MASK, SIZE, distance, in_half_open
+from mlfabric.wire.messages import (
+    NOTICE_BACKWARD,
+    NOTICE_DIRECT,
+    NOTICE_INTERVAL,
+    Alive,
+    BackpointerCopy,
+    FailureNotice,
+    Message,
+    Peer,
+    Ping,
+    Pong,
+    ProbeRequest,
+    ProbeResult,
+    Register,
+)
+
+MAX_NOTICE_HOPS = 2 * BITS
+_MAX_REMEMBERED = 8192
+
+
+# ------------------------------------------------------------------------------------ estimation
+
+
+def holder_intervals(dead: int, pred: int) -> list[tuple[int, int]]:
+    """The id intervals [start, end] (inclusive, clockwise) whose nodes hold ``dead`` as a finger.
+
+    Node y holds f as finger i iff successor(y + 2^i) = f iff y + 2^i in (p, f], that is
+    y in (p - 2^i, f - 2^i]. Measured as backward distance from f the interval is
+    [2^i, g + 2^i - 1] with g = f - p; the 64 intervals are merged where they overlap (all those with
+    2^i < g do, around p), so the result holds about log2 N disjoint intervals.
+    """
+    gap = distance(pred, dead) or SIZE  # a lone predecessor equal to f means f was alone
+    spans: list[list[int]] = []
+    for i in range(BITS):
+        lo = 1 << i
+        hi = min(gap + lo - 1, SIZE - 1)
+        if spans and lo <= spans[-1][1] + 1:
+            spans[-1][1] = max(spans[-1][1], hi)
+        else:
+            spans.append([lo, hi])
+    return [((dead - hi) & MASK, (dead - lo) & MASK) for lo, hi in spans]
+
+
+def in_interval(x: int, start: int, end: int) -> bool:
+    """x in [start, end] clockwise (inclusive at both ends)."""
+    return distance(start, x) <= distance(start, end)
+
+
+# ------------------------------------------------------------------------------------ events
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDied(Event):
+    """This node declared ``peer`` dead. ``pred`` is the predecessor of ``peer`` it used for the
+    holder estimate (``exact``: known from its own successor list, not guessed)."""
+
+    peer: Peer
+    incarnation: int
+    pred: Peer | None
+    exact: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPurged(Event):
+    """A failure notice made this node drop ``peer`` from its routing state."""
+
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class Refuted(Event):
+    """This node was declared dead and answered with a higher incarnation."""
+
+    incarnation: int
+
+
+# ------------------------------------------------------------------------------------ machine
+
+
+@dataclass(slots=True)
+class _Check:
+    target: Peer
+    seq: int
+    deadline_at: float
+    indirect: bool = False
+
+
+KEEPALIVE_TYPES = (Ping, Pong, ProbeRequest, ProbeResult, Register, BackpointerCopy, Alive)
+
+
+class FailureDetector:
+    def __init__(self, chord: ChordMachine, cfg: FailureConfig, incarnation: int = 0) -> None:
+        self.chord = chord
+        self.cfg = cfg
+        self.me = chord.me
+        self.incarnation = incarnation
+        self._send: Callable[[str, Message], None] = chord._send
+        self._events: deque[Event] = chord._events
+        self._checks: dict[int, _Check] = {}  # target id -> check in progress
+        self._seq_to_target: dict[int, int] = {}
+        self._helping: dict[int, tuple[str, int, Peer, float]] = {}  # our seq -> (asker, req, target, deadline)
+        self._next_seq = 1
+        self._near_at: float | None = None
+        self._far_at: float | None = None
+        self._refresh_at: float | None = None
+        self._far_cursor = 0
+        self._dead: dict[int, tuple[int, float]] = {}  # id -> (incarnation, forget_at)
+        self._alive_inc: dict[int, int] = {}
+        self._seen: dict[tuple[int, int, int, int, int], float] = {}
+        self._backpointers: dict[int, tuple[Peer, float]] = {}  # stateful: who holds me
+        self._copies: dict[int, tuple[tuple[Peer, ...], float]] = {}  # stateful: neighbours' sets
+        self._registered: set[int] = set()
+        self._housekeep_at: float | None = None
+        self.counters: dict[str, int] = {
+            "probes_sent": 0,
+            "acks_received": 0,
+            "suspicions": 0,
+            "indirect_probes": 0,
+            "deaths_declared": 0,
+            "notices_sent": 0,
+            "notices_received": 0,
+            "notices_forwarded": 0,
+            "notices_duplicate": 0,
+            "purged_by_notice": 0,
+            "refutations": 0,
+            "stalls": 0,
+        }
+        chord.is_dead = self.is_dead
+        chord.on_unresponsive = self.suspect
+        chord.check_predecessor_enabled = False
+
+    # ------------------------------------------------------------------ queries
+
+    def is_dead(self, node_id: int) -> bool:
+        return node_id in self._dead
+
+    def dead_ids(self) -> set[int]:
+        return set(self._dead)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, now: float) -> None:
+        self._near_at = now + self.chord._rng.random() * self.cfg.near_interval
+        if self.cfg.scheme != "stabilize":  # stabilize probes every entry at near_interval instead
+            self._far_at = now + self.cfg.far_interval * self.chord._rng.random()
+        if self.cfg.scheme == "stateful":
+            self._refresh_at = now + self.cfg.refresh_interval * self.chord._rng.random()
+        self._housekeep_at = now + self.cfg.dead_ttl
+
+    def stop(self) -> None:
+        self._near_at = self._far_at = self._refresh_at = self._housekeep_at = None
+        self._checks.clear()
+        self._seq_to_target.clear()
+        self._helping.clear()
+
+    def next_deadline(self) -> float | None:
+        times = [t for t in (self._near_at, self._far_at, self._refresh_at, self._housekeep_at) if t is not None]
+        if self._checks:
+            times.append(min(c.deadline_at for c in self._checks.values()))
+        if self._helping:
+            times.append(min(h[3] for h in self._helping.values()))
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        if self._near_at is not None and now - self._near_at > self.cfg.stall_threshold:
+            self._on_stall(now)
+            return
+        for tid, check in list(self._checks.items()):
+            if check.deadline_at <= now and self._checks.get(tid) is check:
+                self._on_check_timeout(check, now)
+        for seq, (asker, req, target, deadline) in list(self._helping.items()):
+            if deadline <= now:
+                del self._helping[seq]
+                self._seq_to_target.pop(seq, None)
+                self._send(asker, ProbeResult(req=req, target=target, alive=False))
+        if self._near_at is not None and self._near_at <= now:
+            self._near_at = now + self.cfg.near_interval
+            self._probe_near(now)
+        if self._far_at is not None and self._far_at <= now:
+            self._probe_far(now)
+        if self._refresh_at is not None and self._refresh_at <= now:
+            self._refresh_at = now + self.cfg.refresh_interval
+            self._refresh_backpointers(now, everyone=True)
+        if self._housekeep_at is not None and self._housekeep_at <= now:
+            self._housekeep_at = now + min(self.cfg.dead_ttl, 10 * self.cfg.near_interval)
+            self._housekeep(now)
+
+    def _on_stall(self, now: float) -> None:
+        """Our own timers fired far too late: we were stalled (SIGSTOP, swap, a long GC), not the
+        peers. Drop the checks in flight without suspecting anyone and restart the schedule."""
+        self.counters["stalls"] += 1
+        self._checks.clear()
+        self._seq_to_target.clear()
+        self._helping.clear()
+        self.start(now)
+
+    # ------------------------------------------------------------------ probing
+
+    def _near_targets(self) -> list[Peer]:
+        c = self.chord
+        if self.cfg.scheme == "stabilize":
+            return self._all_entries()
+        out: dict[int, Peer] = {}
+        if c.predecessor is not None:
+            out[c.predecessor.id] = c.predecessor
+        for s in c.successors[: self.cfg.near_successors]:
+            out.setdefault(s.id, s)
+        out.pop(self.me.id, None)
+        return list(out.values())
+
+    def _all_entries(self) -> list[Peer]:
+        c = self.chord
+        out: dict[int, Peer] = {}
+        if c.predecessor is not None:
+            out[c.predecessor.id] = c.predecessor
+        for s in c.successors:
+            out.setdefault(s.id, s)
+        for fg in c.fingers:
+            if fg is not None:
+                out.setdefault(fg.id, fg)
+        out.pop(self.me.id, None)
+        return list(out.values())
+
+    def _probe_near(self, now: float) -> None:
+        for peer in self._near_targets():
+            self._probe(peer, now)
+        if self.cfg.scheme == "stateful":
+            self._refresh_backpointers(now, everyone=False)
+
+    def _probe_far(self, now: float) -> None:
+        near = {p.id for p in self._near_targets()}
+        far = [p for p in self._all_entries() if p.id not in near]
+        # spread the far probes evenly: one entry per far_interval / len(far)
+        self._far_at = now + self.cfg.far_interval / max(1, len(far))
+        if far:
+            self._far_cursor = (self._far_cursor + 1) % len(far)
+            self._probe(far[self._far_cursor], now)
+
+    def _probe(self, peer: Peer, now: float) -> None:
+        if peer.id in self._checks or peer.id == self.me.id:
+            return
+        seq = self._new_seq()
+        self._checks[peer.id] = _Check(peer, seq, now + self.cfg.probe_timeout)
+        self._seq_to_target[seq] = peer.id
+        self.counters["probes_sent"] += 1
+        self._send(peer.address, Ping(seq=seq, incarnation=self.incarnation))
+
+    def suspect(self, peer: Peer, now: float) -> None:
+        """Something else (a lookup, stabilize) got no answer from ``peer``: check it now."""
+        if peer.id != self.me.id and not self.is_dead(peer.id):
+            self._probe(peer, now)
+
+    def _new_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq = (seq + 1) & MASK or 1
+        return seq
+
+    def _on_check_timeout(self, check: _Check, now: float) -> None:
+        if not check.indirect:
+            self.counters["suspicions"] += 1
+            helpers = [p for p in self._helpers(check.target)][: self.cfg.indirect_checks]
+            if helpers:
+                check.indirect = True
+                check.deadline_at = now + self.cfg.suspicion_timeout
+                for h in helpers:
+                    self.counters["indirect_probes"] += 1
+                    self._send(h.address, ProbeRequest(req=check.seq, target=check.target))
+                return
+        self._clear_check(check.target.id)
+        self.declare_dead(check.target, now)
+
+    def _helpers(self, target: Peer) -> list[Peer]:
+        c = self.chord
+        cands = [*c.successors, *([c.predecessor] if c.predecessor else []), *c.distinct_fingers()]
+        seen: set[int] = set()
+        out = []
+        for p in cands:
+            if p.id in (target.id, self.me.id) or p.id in seen or p.id in self._checks or self.is_dead(p.id):
+                continue
+            seen.add(p.id)
+            out.append(p)
+        return out
+
+    def _clear_check(self, target_id: int) -> None:
+        check = self._checks.pop(target_id, None)
+        if check is not None:
+            self._seq_to_target.pop(check.seq, None)
+
+    def _alive(self, peer: Peer, incarnation: int) -> None:
+        if incarnation > self._alive_inc.get(peer.id, -1):
+            if len(self._alive_inc) > _MAX_REMEMBERED:
+                self._alive_inc.clear()
+            self._alive_inc[peer.id] = incarnation
+        self._clear_check(peer.id)
+
+    def unreachable(self, address: str, now: float) -> None:
+        """The transport could not connect to ``address``: a failed direct probe, without the wait."""
+        for check in list(self._checks.values()):
+            if check.target.address == address and not check.indirect:
+                self._on_check_timeout(check, now)
+
+    def observe(self, src: Peer) -> None:
+        """Any message straight from ``src`` proves it is running: lift its death mark."""
+        if src.id in self._dead:
+            del self._dead[src.id]
+
+    # ------------------------------------------------------------------ receiving
+
+    def receive(self, src: Peer, msg: Message, now: float) -> bool:
+        """Handle a failure-detection message; False when the message is not ours."""
+        match msg:
+            case Ping(seq=seq):
+                self._send(src.address, Pong(seq=seq, incarnation=self.incarnation))
+            case Pong(seq=seq, incarnation=inc):
+                helped = self._helping.pop(seq, None)
+                target_id = self._seq_to_target.pop(seq, None)
+                if helped is not None:
+                    asker, req, target, _ = helped
+                    if target.address == src.address:
+                        self._send(asker, ProbeResult(req=req, target=target, alive=True, incarnation=inc))
+                    return True
+                if target_id is None:
+                    return False  # not a detector probe (chord's own check_predecessor, say)
+                check = self._checks.get(target_id)
+                if check is not None and check.target.address == src.address:
+                    self.counters["acks_received"] += 1
+                    self._alive(check.target, inc)
+            case ProbeRequest(req=req, target=target):
+                if target.id == self.me.id:
+                    self._send(src.address, ProbeResult(req=req, target=target, alive=True,
+                                                        incarnation=self.incarnation))
+                else:
+                    seq = self._new_seq()
+                    self._helping[seq] = (src.address, req, target, now + self.cfg.suspicion_timeout * 0.8)
+                    self._seq_to_target[seq] = target.id
+                    self._send(target.address, Ping(seq=seq, incarnation=self.incarnation))
+            case ProbeResult(req=req, target=target, alive=alive, incarnation=inc):
+                check = self._checks.get(target.id)
+                if check is not None and check.seq == req and alive:
+                    self.counters["acks_received"] += 1
+                    self._alive(target, inc)
+            case FailureNotice():
+                self._on_notice(src, msg, now)
+            case Alive(incarnation=inc):
+                self._alive(src, inc)
+            case Register():
+                self._backpointers[src.id] = (src, now + 3 * self.cfg.refresh_interval)
+            case BackpointerCopy(holders=holders):
+                self._copies[src.id] = (holders, now + 3 * self.cfg.refresh_interval)
+            case _:
+                return False
+        return True
+
+    # ------------------------------------------------------------------ declaring and propagating
+
+    def declare_dead(self, peer: Peer, now: float) -> None:
+        if peer.id == self.me.id or peer.id in self._dead:
+            return
+        c = self.chord
+        inc = self._alive_inc.get(peer.id, 0)
+        pred, exact, repl = self._neighbours_of(peer)
+        self.counters["deaths_declared"] += 1
+        self._mark_dead(peer, inc, now)
+        c.remove_dead(peer, repl)
+        self._events.append(PeerDied(peer, inc, pred, exact))
+        scheme = self.cfg.scheme
+        if scheme == "stateless" and exact:
+            # Only a detector that knows pred(f) from its own successor list estimates exactly; the
+            # others (f's successor, a far finger holder) just purge: pred(f) probes f at the near
+            # rate and propagates (DESIGN.md: keep-alives are biased so that near nodes detect).
+            self._propagate_stateless(peer, inc, pred, repl, now)
+        elif scheme == "stateful":
+            holders, _ = self._copies.pop(peer.id, ((), 0.0))
+            for h in holders:
+                if h.id not in (self.me.id, peer.id):
+                    self._emit(h.address, FailureNotice(dead=peer, incarnation=inc, detector=self.me,
+                                                        mode=NOTICE_DIRECT, start=0, end=0, back=0,
+                                                        replacement=repl))
+
+    def _neighbours_of(self, peer: Peer) -> tuple[Peer | None, bool, Peer | None]:
+        """(pred(peer), exact, succ(peer)) as far as this node knows them."""
+        c = self.chord
+        succs = c.successors
+        for k, s in enumerate(succs):
+            if s.id == peer.id:
+                pred = self.me if k == 0 else succs[k - 1]
+                repl = succs[k + 1] if k + 1 < len(succs) else None
+                return pred, True, repl
+        repl = None
+        if c.predecessor is not None and c.predecessor.id == peer.id:
+            repl = self.me
+        # otherwise estimate pred(peer) by the closest node we know that precedes it
+        before = c.closest_preceding(peer.id, 1)
+        return (before[0] if before else None), False, repl
+
+    def _propagate_stateless(self, peer: Peer, inc: int, pred: Peer | None, repl: Peer | None, now: float) -> None:
+        r = self.chord.cfg.successors
+        base = dict(dead=peer, incarnation=inc, detector=self.me, replacement=repl)
+        if repl is not None and repl.id != self.me.id:
+            self._emit(repl.address, FailureNotice(mode=NOTICE_DIRECT, start=0, end=0, back=0, **base))
+        if pred is not None:
+            back = FailureNotice(mode=NOTICE_BACKWARD, start=0, end=0, back=r - 1, **base)
+            if pred.id == self.me.id:
+                self._forward_backward(back)
+            else:
+                self._emit(pred.address, back)
+            for start, end in holder_intervals(peer.id, pred.id):
+                self._route_interval(FailureNotice(mode=NOTICE_INTERVAL, start=start, end=end, back=0, **base))
+
+    def _emit(self, address: str, notice: FailureNotice) -> None:
+        self.counters["notices_sent"] += 1
+        self._send(address, notice)
+
+    def _mark_dead(self, peer: Peer, inc: int, now: float) -> None:
+        if len(self._dead) > _MAX_REMEMBERED:
+            self._housekeep(now)
+        self._dead[peer.id] = (inc, now + self.cfg.dead_ttl)
+        self._clear_check(peer.id)
+        self._backpointers.pop(peer.id, None)
+        self._registered.discard(peer.id)
+
+    def _on_notice(self, src: Peer, n: FailureNotice, now: float) -> None:
+        self.counters["notices_received"] += 1
+        dead = n.dead
+        if dead.id == self.me.id:
+            # we were declared dead: refute with a higher incarnation (SWIM §4.2)
+            if n.incarnation >= self.incarnation:
+                self.incarnation = n.incarnation + 1
+                self.counters["refutations"] += 1
+                self._events.append(Refuted(self.incarnation))
+            for addr in {src.address, n.detector.address}:
+                if addr != self.me.address:
+                    self._send(addr, Alive(incarnation=self.incarnation))
+            return
+        if self._alive_inc.get(dead.id, -1) > n.incarnation:
+            return  # stale: the node has since proved itself alive at a higher incarnation
+        key = (dead.id, n.incarnation, n.mode, n.start, n.back)
+        if key in self._seen:
+            self.counters["notices_duplicate"] += 1
+            return
+        if len(self._seen) > _MAX_REMEMBERED:
+            self._housekeep(now)
+        self._seen[key] = now + self.cfg.dead_ttl
+        if dead.id not in self._dead:
+            self._mark_dead(dead, n.incarnation, now)
+        if self.chord.remove_dead(dead, n.replacement):
+            self.counters["purged_by_notice"] += 1
+            self._events.append(PeerPurged(dead))
+        if n.hops >= MAX_NOTICE_HOPS:
+            return
+        if n.mode == NOTICE_BACKWARD:
+            self._forward_backward(n)
+        elif n.mode == NOTICE_INTERVAL:
+            self._route_interval(n)
+
+    def _forward_backward(self, n: FailureNotice) -> None:
+        pred = self.chord.predecessor
+        if n.back > 0 and pred is not None and pred.id != n.dead.id and pred.id != self.me.id:
+            self.counters["notices_forwarded"] += 1
+            self._send(pred.address, replace(n, back=n.back - 1, hops=n.hops + 1))
+
+    def _route_interval(self, n: FailureNotice) -> None:
+        """Walk successors through [start, end], or route towards start (closest preceding node)."""
+        c = self.chord
+        me = self.me.id
+        succ = c.successor
+        if succ.id == me:
+            return
+        if in_interval(me, n.start, n.end) or in_half_open(n.start, me, succ.id):
+            if succ.id != n.dead.id and in_interval(succ.id, n.start, n.end):
+                self.counters["notices_forwarded"] += 1
+                self._send(succ.address, replace(n, hops=n.hops + 1))
+            return
+        nxt = c.closest_preceding(n.start, 1)
+        target = nxt[0] if nxt else succ
+        if target.id != n.dead.id:
+            self.counters["notices_forwarded"] += 1
+            self._send(target.address, replace(n, hops=n.hops + 1))
+
+    # ------------------------------------------------------------------ stateful backpointers
+
+    def _refresh_backpointers(self, now: float, everyone: bool) -> None:
+        entries = self._all_entries()
+        ids = {p.id for p in entries}
+        for p in entries:
+            if everyone or p.id not in self._registered:
+                self._send(p.address, Register())
+        self._registered = ids
+        if everyone:
+            holders = tuple(p for p, exp in self._backpointers.values() if exp > now)[:256]
+            c = self.chord
+            for nb in {x.address for x in (c.predecessor, c.successor) if x is not None and x.id != self.me.id}:
+                self._send(nb, BackpointerCopy(holders=holders))
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def _housekeep(self, now: float) -> None:
+        self._dead = {k: v for k, v in self._dead.items() if v[1] > now}
+        self._seen = {k: v for k, v in self._seen.items() if v > now}
+        self._backpointers = {k: v for k, v in self._backpointers.items() if v[1] > now}
+        self._copies = {k: v for k, v in self._copies.items() if v[1] > now}
