@@ -33,6 +33,8 @@ class OverlayConfig(BaseModel):
     rpc_timeout: float = Field(1.0, gt=0, description="Seconds to wait for a reply before a peer is treated as unresponsive.")
     lookup_fanout: int = Field(3, ge=1, le=16, description="Closest preceding nodes returned per lookup step; "
                                "extra ones let the asker skip a dead hop.")
+    lookup_retries: int = Field(2, ge=0, le=10, description="Times a lookup whose candidates all timed out "
+                                "starts over from the node's own routing table before it fails.")
     max_lookup_hops: int = Field(128, ge=1, description="A lookup that needs more hops than this fails.")
     join_retry_interval: float = Field(2.0, gt=0, description="Seconds before retrying a join whose seeds all failed.")
 
@@ -60,14 +62,19 @@ class FailureConfig(BaseModel):
         "stabilize: no propagation, every routing entry probed every near_interval.")
     near_interval: float = Field(1.0, gt=0, description="Seconds between probes of the predecessor and the "
                                  "first near_successors successors.")
+    probe_predecessor: bool = Field(False, description="Also probe the predecessor at near_interval. Off by "
+                                    "default: the predecessor's own predecessor detects it and its notice reaches "
+                                    "us directly, so each ring link is checked once, not twice.")
     near_successors: int = Field(1, ge=1, le=64, description="Successors probed at near_interval (the rest "
                                  "of the successor list is probed at far_interval).")
     far_interval: float = Field(30.0, gt=0, description="Seconds between probes of each far routing entry "
                                 "(stateless: a safety net behind propagation).")
     probe_timeout: float = Field(0.5, gt=0, description="Seconds to wait for a direct ack before asking helpers.")
-    indirect_checks: int = Field(2, ge=0, le=8, description="Helpers asked to probe a suspect on our behalf.")
+    indirect_checks: int = Field(3, ge=0, le=8, description="Helpers asked to probe a suspect on our behalf.")
     suspicion_timeout: float = Field(1.0, gt=0, description="Seconds a suspect has to answer any indirect "
                                      "probe before it is declared dead.")
+    notice_timeout: float = Field(0.2, gt=0, description="Seconds a forwarded failure notice waits for the next "
+                                  "hop's ack before it is routed around that hop (a few round trips).")
     refresh_interval: float = Field(10.0, gt=0, description="stateful only: seconds between backpointer "
                                     "registration refreshes and backpointer-set copies to the neighbours.")
     dead_ttl: float = Field(60.0, gt=0, description="Seconds a declared death is remembered: duplicate notices "
@@ -197,6 +204,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "probe_timeout": 0.25,
             "suspicion_timeout": 0.5,
             "far_interval": 3.0,
+            "notice_timeout": 0.15,
             "refresh_interval": 2.0,
             "dead_ttl": 20.0,
         },
@@ -216,6 +224,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "probe_timeout": 2.0,
             "suspicion_timeout": 4.0,
             "far_interval": 60.0,
+            "notice_timeout": 1.0,
             "refresh_interval": 30.0,
             "dead_ttl": 180.0,
             "stall_threshold": 6.0,

@@ -55,9 +55,11 @@ class _Lookup:
     started_at: float
     candidates: list[Peer] = field(default_factory=list)
     tried: set[int] = field(default_factory=set)
+    timeouts: dict[int, int] = field(default_factory=dict)
     hops: int = 0
     finger: int = 0
     seeds: list[str] = field(default_factory=list)
+    restarts: int = 0
 
 
 @dataclass(slots=True)
@@ -77,6 +79,7 @@ class ChordMachine:
         self.cfg = cfg
         self._rng = rng
         self.predecessor: Peer | None = None
+        self.pred_pred: Peer | None = None  # our predecessor's predecessor, from its Notify
         self.successors: list[Peer] = []
         self.fingers: list[Peer | None] = [None] * BITS
         self.joined = False
@@ -189,8 +192,10 @@ class ChordMachine:
             case GetNeighbors(req=req):
                 self._send(src.address, Neighbors(req=req, predecessor=self.predecessor,
                                                   successors=tuple(self._successor_list_for_reply())))
-            case Notify():
+            case Notify(predecessor=their_pred):
                 self._on_notify(src)
+                if self.predecessor is not None and self.predecessor.id == src.id:
+                    self.pred_pred = their_pred
             case Ping(seq=seq):
                 self._send(src.address, Pong(seq=seq))
             case SuccessorHint(candidate=cand):
@@ -357,8 +362,9 @@ class ChordMachine:
         if not self.joined or self.leaving:
             self._finish_lookup(lk, None, now)
             return token
-        if in_half_open(key, self.me.id, self.successor.id):
-            self._finish_lookup(lk, self.successor, now)
+        answer = self._successor_answer(key)
+        if answer is not None:
+            self._finish_lookup(lk, answer[0], now)
             return token
         if self.predecessor is not None and in_half_open(key, self.predecessor.id, self.me.id):
             self._finish_lookup(lk, self.me, now)
@@ -388,6 +394,18 @@ class ChordMachine:
         if lk.seeds:  # only joins have seeds: ask the next one (its id is not known yet)
             self._lookup_ask(lk, lk.seeds.pop(0), None, now)
             return
+        if lk.purpose != JOIN and lk.restarts < self.cfg.lookup_retries and self.joined:
+            # every candidate timed out (lost messages, or dead hops not yet purged): start over
+            # from our own, meanwhile repaired, routing table
+            lk.restarts += 1
+            lk.tried.clear()
+            lk.candidates = self._closest_preceding(lk.key, BITS + self.cfg.successors)
+            if in_half_open(lk.key, self.me.id, self.successor.id):
+                self._finish_lookup(lk, self.successor, now)
+                return
+            if lk.candidates:
+                self._lookup_next(lk, now)
+                return
         self._finish_lookup(lk, None, now)
 
     def _lookup_ask(self, lk: _Lookup, address: str, peer: Peer | None, now: float) -> None:
@@ -400,6 +418,11 @@ class ChordMachine:
         def on_timeout(t: float) -> None:
             if peer is not None:
                 self._unresponsive(peer, t)
+                # one lost message must not exclude the node this lookup needs: it may be suggested
+                # and asked once more; a second silence excludes it for this lookup
+                n = lk.timeouts[peer.id] = lk.timeouts.get(peer.id, 0) + 1
+                if n < 2:
+                    lk.tried.discard(peer.id)
             self._lookup_next(lk, t)
 
         self._request(address, peer, lambda req: FindSuccessor(req=req, key=key), on_reply, on_timeout, now)
@@ -447,6 +470,20 @@ class ChordMachine:
 
     # ------------------------------------------------------------------ serving
 
+    def _successor_answer(self, key: int) -> tuple[Peer, ...] | None:
+        """successor(key) and the nodes after it, when key falls before an entry of our successor list.
+
+        The list holds consecutive nodes, so key in (s_k, s_k+1] means successor(key) = s_k+1 (Chord
+        §5.2 uses the list the same way); this also routes around a dead s_k the asker cannot reach."""
+        if not self.successors:
+            return (self.me,)
+        prev = self.me.id
+        for k, s in enumerate(self.successors):
+            if in_half_open(key, prev, s.id):
+                return tuple(self.successors[k:])
+            prev = s.id
+        return None
+
     def _serve_find_successor(self, src: Peer, req: int, key: int) -> None:
         self.counters["lookup_steps_served"] += 1
         if not self.joined:
@@ -456,9 +493,9 @@ class ChordMachine:
             nodes = (self.me, *self.successors[: self.cfg.successors - 1])
             self._send(src.address, FindSuccessorReply(req=req, done=True, nodes=nodes))
             return
-        if in_half_open(key, self.me.id, self.successor.id):
-            self._send(src.address, FindSuccessorReply(req=req, done=True,
-                                                         nodes=tuple(self._successor_list_for_reply())))
+        answer = self._successor_answer(key)
+        if answer is not None:
+            self._send(src.address, FindSuccessorReply(req=req, done=True, nodes=answer))
             return
         nodes = self._closest_preceding(key, self.cfg.lookup_fanout)
         if not nodes:
@@ -529,7 +566,7 @@ class ChordMachine:
             else:
                 self._set_successors(new_list)
             if self.successors:
-                self._send(self.successors[0].address, Notify())
+                self._send(self.successors[0].address, Notify(predecessor=self.predecessor))
 
         def on_timeout(t: float) -> None:
             self._stabilizing = False

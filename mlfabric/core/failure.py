@@ -1,8 +1,10 @@
 """Failure detection and failure-set propagation, sans-IO (Mizutani, IEEE Access 9, 2021; SWIM §4).
 
-Detection: biased keep-alives. The predecessor and the first ``near_successors`` successors are
-probed every ``near_interval``; the other routing entries (far fingers, the rest of the successor
-list) every ``far_interval``. A probe unanswered within ``probe_timeout`` makes the target a suspect;
+Detection: biased keep-alives. The first ``near_successors`` successors (and the predecessor when
+``probe_predecessor``) are probed every ``near_interval``; the other routing entries (far fingers,
+the rest of the successor list, the predecessor) every ``far_interval``. So every failure is
+detected quickly by its predecessor, which knows pred(f) exactly, and every ring link is checked
+once. A probe unanswered within ``probe_timeout`` makes the target a suspect;
 ``indirect_checks`` helpers probe it on our behalf (SWIM ping-req) and only when none of them reaches
 it within ``suspicion_timeout`` is it declared dead. Incarnation numbers let a node declared dead by
 mistake refute it (``Alive``); any direct message from a node clears its death mark, so a node that
@@ -44,6 +46,7 @@ from mlfabric.wire.messages import (
     BackpointerCopy,
     FailureNotice,
     Message,
+    NoticeAck,
     Peer,
     Ping,
     Pong,
@@ -123,6 +126,14 @@ class _Check:
     indirect: bool = False
 
 
+@dataclass(slots=True)
+class _Forward:
+    notice: FailureNotice
+    target: Peer
+    alternatives: list[Peer]
+    deadline_at: float
+
+
 KEEPALIVE_TYPES = (Ping, Pong, ProbeRequest, ProbeResult, Register, BackpointerCopy, Alive)
 
 
@@ -148,7 +159,9 @@ class FailureDetector:
         self._backpointers: dict[int, tuple[Peer, float]] = {}  # stateful: who holds me
         self._copies: dict[int, tuple[tuple[Peer, ...], float]] = {}  # stateful: neighbours' sets
         self._registered: set[int] = set()
+        self._holders_changed = False
         self._housekeep_at: float | None = None
+        self._forwards: dict[int, _Forward] = {}  # seq -> notice awaiting the next hop's ack
         self.counters: dict[str, int] = {
             "probes_sent": 0,
             "acks_received": 0,
@@ -190,6 +203,7 @@ class FailureDetector:
         self._checks.clear()
         self._seq_to_target.clear()
         self._helping.clear()
+        self._forwards.clear()
 
     def next_deadline(self) -> float | None:
         times = [t for t in (self._near_at, self._far_at, self._refresh_at, self._housekeep_at) if t is not None]
@@ -197,6 +211,8 @@ class FailureDetector:
             times.append(min(c.deadline_at for c in self._checks.values()))
         if self._helping:
             times.append(min(h[3] for h in self._helping.values()))
+        if self._forwards:
+            times.append(min(fw.deadline_at for fw in self._forwards.values()))
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
@@ -211,6 +227,11 @@ class FailureDetector:
                 del self._helping[seq]
                 self._seq_to_target.pop(seq, None)
                 self._send(asker, ProbeResult(req=req, target=target, alive=False))
+        for seq, fw in list(self._forwards.items()):
+            if fw.deadline_at <= now and self._forwards.pop(seq, None) is not None:
+                # the next hop did not acknowledge: check it, and route around it
+                self.suspect(fw.target, now)
+                self._forward(fw.notice, fw.alternatives, now)
         if self._near_at is not None and self._near_at <= now:
             self._near_at = now + self.cfg.near_interval
             self._probe_near(now)
@@ -230,6 +251,9 @@ class FailureDetector:
         self._checks.clear()
         self._seq_to_target.clear()
         self._helping.clear()
+        for fw in list(self._forwards.values()):  # resend, without holding the silence against anyone
+            self._forward(fw.notice, [fw.target, *fw.alternatives], now)
+        self._forwards.clear()
         self.start(now)
 
     # ------------------------------------------------------------------ probing
@@ -239,7 +263,7 @@ class FailureDetector:
         if self.cfg.scheme == "stabilize":
             return self._all_entries()
         out: dict[int, Peer] = {}
-        if c.predecessor is not None:
+        if c.predecessor is not None and self.cfg.probe_predecessor:
             out[c.predecessor.id] = c.predecessor
         for s in c.successors[: self.cfg.near_successors]:
             out.setdefault(s.id, s)
@@ -300,6 +324,8 @@ class FailureDetector:
             if helpers:
                 check.indirect = True
                 check.deadline_at = now + self.cfg.suspicion_timeout
+                # probe it directly once more as well: a single lost packet must not kill a node
+                self._send(check.target.address, Ping(seq=check.seq, incarnation=self.incarnation))
                 for h in helpers:
                     self.counters["indirect_probes"] += 1
                     self._send(h.address, ProbeRequest(req=check.seq, target=check.target))
@@ -377,11 +403,19 @@ class FailureDetector:
                 if check is not None and check.seq == req and alive:
                     self.counters["acks_received"] += 1
                     self._alive(target, inc)
-            case FailureNotice():
+            case FailureNotice(seq=seq):
+                if seq:
+                    self._send(src.address, NoticeAck(seq=seq))
                 self._on_notice(src, msg, now)
+            case NoticeAck(seq=seq):
+                fw = self._forwards.get(seq)
+                if fw is not None and fw.target.address == src.address:
+                    del self._forwards[seq]
             case Alive(incarnation=inc):
                 self._alive(src, inc)
             case Register():
+                if src.id not in self._backpointers:
+                    self._holders_changed = True  # neighbours' copies are stale: resend at the next near tick
                 self._backpointers[src.id] = (src, now + 3 * self.cfg.refresh_interval)
             case BackpointerCopy(holders=holders):
                 self._copies[src.id] = (holders, now + 3 * self.cfg.refresh_interval)
@@ -409,11 +443,12 @@ class FailureDetector:
             self._propagate_stateless(peer, inc, pred, repl, now)
         elif scheme == "stateful":
             holders, _ = self._copies.pop(peer.id, ((), 0.0))
+            notice = FailureNotice(dead=peer, incarnation=inc, detector=self.me, mode=NOTICE_DIRECT,
+                                   start=0, end=0, back=0, replacement=repl)
             for h in holders:
                 if h.id not in (self.me.id, peer.id):
-                    self._emit(h.address, FailureNotice(dead=peer, incarnation=inc, detector=self.me,
-                                                        mode=NOTICE_DIRECT, start=0, end=0, back=0,
-                                                        replacement=repl))
+                    self.counters["notices_sent"] += 1
+                    self._forward(notice, [h], now, first_hop=True)
 
     def _neighbours_of(self, peer: Peer) -> tuple[Peer | None, bool, Peer | None]:
         """(pred(peer), exact, succ(peer)) as far as this node knows them."""
@@ -424,9 +459,14 @@ class FailureDetector:
                 pred = self.me if k == 0 else succs[k - 1]
                 repl = succs[k + 1] if k + 1 < len(succs) else None
                 return pred, True, repl
-        repl = None
         if c.predecessor is not None and c.predecessor.id == peer.id:
-            repl = self.me
+            # our predecessor told us its own predecessor in its last Notify
+            pp = c.pred_pred
+            if pp is not None and pp.id != peer.id:
+                return pp, True, self.me
+            repl: Peer | None = self.me
+        else:
+            repl = None
         # otherwise estimate pred(peer) by the closest node we know that precedes it
         before = c.closest_preceding(peer.id, 1)
         return (before[0] if before else None), False, repl
@@ -435,19 +475,20 @@ class FailureDetector:
         r = self.chord.cfg.successors
         base = dict(dead=peer, incarnation=inc, detector=self.me, replacement=repl)
         if repl is not None and repl.id != self.me.id:
-            self._emit(repl.address, FailureNotice(mode=NOTICE_DIRECT, start=0, end=0, back=0, **base))
+            self.counters["notices_sent"] += 1
+            self._forward(FailureNotice(mode=NOTICE_DIRECT, start=0, end=0, back=0, **base), [repl], now,
+                          first_hop=True)
         if pred is not None:
             back = FailureNotice(mode=NOTICE_BACKWARD, start=0, end=0, back=r - 1, **base)
             if pred.id == self.me.id:
-                self._forward_backward(back)
+                self._forward_backward(back, now)
             else:
-                self._emit(pred.address, back)
+                self.counters["notices_sent"] += 1
+                self._forward(back, [pred], now, first_hop=True)
             for start, end in holder_intervals(peer.id, pred.id):
-                self._route_interval(FailureNotice(mode=NOTICE_INTERVAL, start=start, end=end, back=0, **base))
-
-    def _emit(self, address: str, notice: FailureNotice) -> None:
-        self.counters["notices_sent"] += 1
-        self._send(address, notice)
+                notice = FailureNotice(mode=NOTICE_INTERVAL, start=start, end=end, back=0, **base)
+                self.counters["notices_sent"] += 1
+                self._route_interval(notice, now, first_hop=True)
 
     def _mark_dead(self, peer: Peer, inc: int, now: float) -> None:
         if len(self._dead) > _MAX_REMEMBERED:
@@ -487,33 +528,41 @@ class FailureDetector:
         if n.hops >= MAX_NOTICE_HOPS:
             return
         if n.mode == NOTICE_BACKWARD:
-            self._forward_backward(n)
+            self._forward_backward(n, now)
         elif n.mode == NOTICE_INTERVAL:
-            self._route_interval(n)
+            self._route_interval(n, now)
 
-    def _forward_backward(self, n: FailureNotice) -> None:
-        pred = self.chord.predecessor
-        if n.back > 0 and pred is not None and pred.id != n.dead.id and pred.id != self.me.id:
-            self.counters["notices_forwarded"] += 1
-            self._send(pred.address, replace(n, back=n.back - 1, hops=n.hops + 1))
+    def _forward(self, n: FailureNotice, targets: list[Peer], now: float, first_hop: bool = False) -> None:
+        """Send ``n`` to the first usable target, keeping the rest as fallbacks until it acks."""
+        for k, target in enumerate(targets):
+            if target.id in (self.me.id, n.dead.id) or self.is_dead(target.id):
+                continue
+            seq = self._new_seq()
+            self._forwards[seq] = _Forward(n, target, targets[k + 1:], now + self.cfg.notice_timeout)
+            if not first_hop:
+                self.counters["notices_forwarded"] += 1
+            self._send(target.address, replace(n, hops=n.hops + 1, seq=seq))
+            return
 
-    def _route_interval(self, n: FailureNotice) -> None:
+    def _forward_backward(self, n: FailureNotice, now: float) -> None:
+        c = self.chord
+        if n.back > 0 and c.predecessor is not None:
+            targets = [c.predecessor] + ([c.pred_pred] if c.pred_pred is not None else [])
+            self._forward(replace(n, back=n.back - 1), targets, now)
+
+    def _route_interval(self, n: FailureNotice, now: float, first_hop: bool = False) -> None:
         """Walk successors through [start, end], or route towards start (closest preceding node)."""
         c = self.chord
         me = self.me.id
-        succ = c.successor
-        if succ.id == me:
+        if not c.successors:
             return
-        if in_interval(me, n.start, n.end) or in_half_open(n.start, me, succ.id):
-            if succ.id != n.dead.id and in_interval(succ.id, n.start, n.end):
-                self.counters["notices_forwarded"] += 1
-                self._send(succ.address, replace(n, hops=n.hops + 1))
+        if in_interval(me, n.start, n.end) or in_half_open(n.start, me, c.successor.id):
+            # walk: the next live successors that still lie in the interval
+            targets = [x for x in c.successors if x.id != n.dead.id and in_interval(x.id, n.start, n.end)]
+            self._forward(n, targets[:3], now, first_hop)
             return
-        nxt = c.closest_preceding(n.start, 1)
-        target = nxt[0] if nxt else succ
-        if target.id != n.dead.id:
-            self.counters["notices_forwarded"] += 1
-            self._send(target.address, replace(n, hops=n.hops + 1))
+        targets = [*c.closest_preceding(n.start, 3), c.successor]
+        self._forward(n, targets, now, first_hop)
 
     # ------------------------------------------------------------------ stateful backpointers
 
@@ -524,7 +573,8 @@ class FailureDetector:
             if everyone or p.id not in self._registered:
                 self._send(p.address, Register())
         self._registered = ids
-        if everyone:
+        if everyone or self._holders_changed:
+            self._holders_changed = False
             holders = tuple(p for p, exp in self._backpointers.values() if exp > now)[:256]
             c = self.chord
             for nb in {x.address for x in (c.predecessor, c.successor) if x is not None and x.id != self.me.id}:

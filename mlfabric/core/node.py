@@ -21,6 +21,7 @@ from mlfabric.wire.messages import (
     BackpointerCopy,
     FailureNotice,
     Message,
+    NoticeAck,
     Peer,
     Ping,
     Pong,
@@ -29,7 +30,7 @@ from mlfabric.wire.messages import (
     Register,
 )
 
-_DETECTOR_MESSAGES = (Ping, ProbeRequest, ProbeResult, FailureNotice, Alive, Register, BackpointerCopy)
+_DETECTOR_MESSAGES = (Ping, ProbeRequest, ProbeResult, FailureNotice, NoticeAck, Alive, Register, BackpointerCopy)
 
 
 class NodeCore:

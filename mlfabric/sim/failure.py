@@ -10,7 +10,7 @@ taken over the failure window only, from the moment the first crash is scheduled
 the run:
 
 * keep-alive messages: Ping, Pong, ProbeRequest, ProbeResult, Register, BackpointerCopy, Alive;
-* propagation messages: FailureNotice.
+* propagation messages: FailureNotice and its hop-by-hop NoticeAck.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from mlfabric.core.failure import KEEPALIVE_TYPES, PeerDied, holder_intervals, i
 from mlfabric.core.node import NodeCore
 from mlfabric.core.ring import BITS, ring_id
 from mlfabric.sim.ring import RingSim
-from mlfabric.wire.messages import FailureNotice
+from mlfabric.wire.messages import FailureNotice, NoticeAck
 
 Progress = Callable[[str, float], None]
 SCHEMES = ("stateless", "stateful", "stabilize")
@@ -107,6 +107,8 @@ class FailureRun:
         elif isinstance(msg, FailureNotice):
             self.sent["propagation"] += 1
             self.notice_targets.setdefault(msg.dead.id, set()).add(dst)
+        elif isinstance(msg, NoticeAck):
+            self.sent["propagation"] += 1
         else:
             self.sent["overlay"] += 1
 

@@ -320,7 +320,10 @@ class Neighbors(Message):
 @wire(16)
 @dataclass(frozen=True, slots=True)
 class Notify(Message):
-    """The sender believes it may be the receiver's predecessor (Chord §4.3)."""
+    """The sender believes it may be the receiver's predecessor (Chord §4.3). It also tells its own
+    predecessor, so the receiver knows pred(pred) and can estimate exactly if the sender dies."""
+
+    predecessor: Peer | None = f(OPT_PEER, None)
 
 
 @wire(17)
@@ -385,9 +388,18 @@ class FailureNotice(Message):
     back: int = f(SMALL)
     replacement: Peer | None = f(OPT_PEER)
     hops: int = f(SMALL, 0)
+    seq: int = f(U64, 0)  # non-zero: the next hop answers NoticeAck(seq), else the sender tries another
 
 
 NOTICE_DIRECT, NOTICE_BACKWARD, NOTICE_INTERVAL = 0, 1, 2
+
+
+@wire(25)
+@dataclass(frozen=True, slots=True)
+class NoticeAck(Message):
+    """Hop-by-hop acknowledgement of a forwarded FailureNotice (a dead hop is routed around)."""
+
+    seq: int = f(U64)
 
 
 @wire(22)
