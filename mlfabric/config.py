@@ -206,7 +206,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "far_interval": 3.0,
             "notice_timeout": 0.15,
             "refresh_interval": 2.0,
-            "dead_ttl": 20.0,
+            "dead_ttl": 5.0,
         },
         "transport": {"connect_timeout": 1.0, "handshake_timeout": 1.0},
     },

@@ -69,6 +69,7 @@ class _Pending:
     peer: Peer | None
     on_reply: Callable[[Peer, Message, float], None]
     on_timeout: Callable[[float], None]
+    reply_type: type[Message]
 
 
 class ChordMachine:
@@ -80,6 +81,7 @@ class ChordMachine:
         self._rng = rng
         self.predecessor: Peer | None = None
         self.pred_pred: Peer | None = None  # our predecessor's predecessor, from its Notify
+        self._left_at: dict[int, float] = {}  # nodes that recently sent us Leaving
         self.successors: list[Peer] = []
         self.fingers: list[Peer | None] = [None] * BITS
         self.joined = False
@@ -193,6 +195,9 @@ class ChordMachine:
                 self._send(src.address, Neighbors(req=req, predecessor=self.predecessor,
                                                   successors=tuple(self._successor_list_for_reply())))
             case Notify(predecessor=their_pred):
+                left_at = self._left_at.get(src.id)
+                if left_at is not None and now - left_at < 4 * self.cfg.stabilize_interval:
+                    return  # sent before its Leaving, delivered after it: the handover stands
                 self._on_notify(src)
                 if self.predecessor is not None and self.predecessor.id == src.id:
                     self.pred_pred = their_pred
@@ -201,11 +206,11 @@ class ChordMachine:
             case SuccessorHint(candidate=cand):
                 self._on_hint(cand, now)
             case Leaving(predecessor=pred, successors=succs):
-                self._on_leaving(src, pred, succs)
+                self._on_leaving(src, pred, succs, now)
             case FindSuccessorReply(req=req) | Neighbors(req=req) | Pong(seq=req):
                 pending = self._pending.get(req)
-                if pending is None or pending.address != src.address:
-                    return  # late or forged reply: ignore
+                if pending is None or pending.address != src.address or type(msg) is not pending.reply_type:
+                    return  # late, forged or mismatched reply: ignore (the request times out if need be)
                 del self._pending[req]
                 pending.on_reply(src, msg, now)
             case _:
@@ -246,10 +251,11 @@ class ChordMachine:
         on_reply: Callable[[Peer, Message, float], None],
         on_timeout: Callable[[float], None],
         now: float,
+        reply_type: type[Message],
     ) -> None:
         req = self._next_req
         self._next_req = (self._next_req + 1) & MASK or 1
-        self._pending[req] = _Pending(now + self.cfg.rpc_timeout, address, peer, on_reply, on_timeout)
+        self._pending[req] = _Pending(now + self.cfg.rpc_timeout, address, peer, on_reply, on_timeout, reply_type)
         self._send(address, make(req))
 
     def _arm_periodic(self, now: float) -> None:
@@ -412,7 +418,6 @@ class ChordMachine:
         key = lk.key
 
         def on_reply(src: Peer, msg: Message, t: float) -> None:
-            assert isinstance(msg, FindSuccessorReply)
             self._on_lookup_reply(lk, src, msg, t)
 
         def on_timeout(t: float) -> None:
@@ -425,7 +430,8 @@ class ChordMachine:
                     lk.tried.discard(peer.id)
             self._lookup_next(lk, t)
 
-        self._request(address, peer, lambda req: FindSuccessor(req=req, key=key), on_reply, on_timeout, now)
+        self._request(address, peer, lambda req: FindSuccessor(req=req, key=key), on_reply, on_timeout, now,
+                      FindSuccessorReply)
 
     def _on_lookup_reply(self, lk: _Lookup, src: Peer, msg: FindSuccessorReply, now: float) -> None:
         if lk.token not in self._lookups:
@@ -502,6 +508,13 @@ class ChordMachine:
             nodes = [self.successor]
         self._send(src.address, FindSuccessorReply(req=req, done=False, nodes=tuple(nodes)))
 
+    def offer_predecessor(self, cand: Peer) -> None:
+        """Take ``cand`` as predecessor when we have none or it is closer (Chord's notify rule)."""
+        if cand.id == self.me.id or self.is_dead(cand.id) or not self.joined:
+            return
+        if self.predecessor is None or in_open(cand.id, self.predecessor.id, self.me.id):
+            self._set_predecessor(cand)
+
     def _on_notify(self, src: Peer) -> None:
         if src.id == self.me.id or not self.joined:
             return
@@ -525,14 +538,21 @@ class ChordMachine:
             self._set_successors([cand, *self.successors])
             self._stabilize_at = now  # verify the candidate and notify it straight away
 
-    def _on_leaving(self, src: Peer, pred: Peer | None, succs: tuple[Peer, ...]) -> None:
+    def _on_leaving(self, src: Peer, pred: Peer | None, succs: tuple[Peer, ...], now: float) -> None:
         if self.successors and self.successors[0].id == src.id:
             rest = [s for s in succs if s.id != src.id]
             self._set_successors(rest + [s for s in self.successors[1:] if s.id != src.id])
         else:
             self._set_successors([s for s in self.successors if s.id != src.id])
-        if self.predecessor is not None and self.predecessor.id == src.id:
-            self._set_predecessor(pred)
+        if len(self._left_at) > 256:
+            horizon = now - 4 * self.cfg.stabilize_interval
+            self._left_at = {k: t for k, t in self._left_at.items() if t > horizon}
+        self._left_at[src.id] = now
+        if self.predecessor is None or self.predecessor.id == src.id:
+            ok = pred is not None and pred.id not in (self.me.id, src.id) and not self.is_dead(pred.id)
+            self._set_predecessor(pred if ok else None)
+        elif pred is not None:
+            self.offer_predecessor(pred)
         repl = self.successors[0] if self.successors else None
         for i, f in enumerate(self.fingers):
             if f is not None and f.id == src.id:
@@ -551,7 +571,6 @@ class ChordMachine:
         self._stabilizing = True
 
         def on_reply(src: Peer, msg: Message, t: float) -> None:
-            assert isinstance(msg, Neighbors)
             self._stabilizing = False
             if not self.successors or self.successors[0].id != succ.id:
                 self._stabilize_at = t  # the successor changed meanwhile (a hint): check the new one now
@@ -574,7 +593,7 @@ class ChordMachine:
             if not self.successors or self.successors[0].id != succ.id:
                 self._stabilize_at = t  # it was dropped: repair with the next successor straight away
 
-        self._request(succ.address, succ, lambda req: GetNeighbors(req=req), on_reply, on_timeout, now)
+        self._request(succ.address, succ, lambda req: GetNeighbors(req=req), on_reply, on_timeout, now, Neighbors)
 
     def _check_predecessor(self, now: float) -> None:
         pred = self.predecessor
@@ -589,7 +608,7 @@ class ChordMachine:
             self._pinging = False
             self._unresponsive(pred, t)
 
-        self._request(pred.address, pred, lambda req: Ping(seq=req), on_reply, on_timeout, now)
+        self._request(pred.address, pred, lambda req: Ping(seq=req), on_reply, on_timeout, now, Pong)
 
     def _fix_fingers(self, now: float) -> None:
         if self._finger_lookup is not None:

@@ -175,6 +175,7 @@ class FailureDetector:
             "purged_by_notice": 0,
             "refutations": 0,
             "stalls": 0,
+            "departures": 0,
         }
         chord.is_dead = self.is_dead
         chord.on_unresponsive = self.suspect
@@ -442,13 +443,33 @@ class FailureDetector:
             # rate and propagates (DESIGN.md: keep-alives are biased so that near nodes detect).
             self._propagate_stateless(peer, inc, pred, repl, now)
         elif scheme == "stateful":
-            holders, _ = self._copies.pop(peer.id, ((), 0.0))
-            notice = FailureNotice(dead=peer, incarnation=inc, detector=self.me, mode=NOTICE_DIRECT,
-                                   start=0, end=0, back=0, replacement=repl)
-            for h in holders:
-                if h.id not in (self.me.id, peer.id):
-                    self.counters["notices_sent"] += 1
-                    self._forward(notice, [h], now, first_hop=True)
+            self._notify_backpointers(peer, inc, repl, now)
+
+    def departed(self, peer: Peer, now: float) -> None:
+        """``peer`` left gracefully (it sent us Leaving). Its predecessor, which knows pred(peer)
+        exactly, propagates the departure like a failure so finger holders drop it at once; every
+        receiver marks it so that stale successor lists do not bring it back."""
+        if peer.id == self.me.id or peer.id in self._dead:
+            return
+        inc = self._alive_inc.get(peer.id, 0)
+        pred, exact, repl = self._neighbours_of(peer)
+        self._mark_dead(peer, inc, now)
+        self.counters["departures"] += 1
+        if not (exact and pred is not None and pred.id == self.me.id):
+            return  # only the predecessor propagates
+        if self.cfg.scheme == "stateless":
+            self._propagate_stateless(peer, inc, pred, repl, now)
+        elif self.cfg.scheme == "stateful":
+            self._notify_backpointers(peer, inc, repl, now)
+
+    def _notify_backpointers(self, peer: Peer, inc: int, repl: Peer | None, now: float) -> None:
+        holders, _ = self._copies.pop(peer.id, ((), 0.0))
+        notice = FailureNotice(dead=peer, incarnation=inc, detector=self.me, mode=NOTICE_DIRECT,
+                               start=0, end=0, back=0, replacement=repl)
+        for h in holders:
+            if h.id not in (self.me.id, peer.id):
+                self.counters["notices_sent"] += 1
+                self._forward(notice, [h], now, first_hop=True)
 
     def _neighbours_of(self, peer: Peer) -> tuple[Peer | None, bool, Peer | None]:
         """(pred(peer), exact, succ(peer)) as far as this node knows them."""
@@ -473,7 +494,7 @@ class FailureDetector:
 
     def _propagate_stateless(self, peer: Peer, inc: int, pred: Peer | None, repl: Peer | None, now: float) -> None:
         r = self.chord.cfg.successors
-        base = dict(dead=peer, incarnation=inc, detector=self.me, replacement=repl)
+        base = dict(dead=peer, incarnation=inc, detector=self.me, replacement=repl, predecessor=pred)
         if repl is not None and repl.id != self.me.id:
             self.counters["notices_sent"] += 1
             self._forward(FailureNotice(mode=NOTICE_DIRECT, start=0, end=0, back=0, **base), [repl], now,
@@ -525,6 +546,9 @@ class FailureDetector:
         if self.chord.remove_dead(dead, n.replacement):
             self.counters["purged_by_notice"] += 1
             self._events.append(PeerPurged(dead))
+        if n.predecessor is not None and n.replacement is not None and n.replacement.id == self.me.id:
+            # we are the dead node's successor: its predecessor is our new predecessor (Chord's notify rule)
+            self.chord.offer_predecessor(n.predecessor)
         if n.hops >= MAX_NOTICE_HOPS:
             return
         if n.mode == NOTICE_BACKWARD:

@@ -20,6 +20,7 @@ from mlfabric.wire.messages import (
     Alive,
     BackpointerCopy,
     FailureNotice,
+    Leaving,
     Message,
     NoticeAck,
     Peer,
@@ -63,6 +64,8 @@ class NodeCore:
             if not self.detector.receive(src, msg, now):
                 self.chord.receive(src, msg, now)
         else:
+            if isinstance(msg, Leaving):
+                self.detector.departed(src, now)  # before the overlay drops it: needs its neighbours
             self.chord.receive(src, msg, now)
 
     def handle_timer(self, now: float) -> None:

@@ -302,7 +302,7 @@ def ring_report(statuses: list[dict[str, Any] | None], successors: int = 8) -> d
         report["joined"] += bool(s["joined"])
         report["successor"] += bool(got_succ) and got_succ[0] == want["successors"][0]
         report["predecessor"] += pred == want["predecessor"]
-        report["successor_list"] += got_succ[: len(want["successors"])] == want["successors"]
+        report["successor_list"] += got_succ == want["successors"]  # exactly: no stale entries behind
         report["fingers"] += fingers == want["fingers"]
     n = report["nodes"]
     report["converged"] = n > 0 and all(report[k] == n for k in ("answered", "joined", "successor", "predecessor",

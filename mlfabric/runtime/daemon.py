@@ -28,6 +28,7 @@ from typing import Any, TextIO
 from mlfabric import __version__
 from mlfabric.config import Settings, parse_address
 from mlfabric.core.events import Event, Joined, Left, PeerUnresponsive, PredecessorChanged, SuccessorChanged
+from mlfabric.core.failure import PeerDied, PeerPurged, Refuted
 from mlfabric.core.node import NodeCore
 from mlfabric.core.ring import BITS, ring_id
 from mlfabric.errors import ConfigError
@@ -40,6 +41,7 @@ from mlfabric.wire.messages import Peer
 logger = logging.getLogger(__name__)
 
 KEY_FILE = "node.key"
+INCARNATION_FILE = "incarnation"
 CONTROL_FILE = "control"
 LOCK_FILE = "lock"
 KEY_LEN = 32
@@ -79,6 +81,21 @@ def load_identity(data_dir: Path) -> bytes:
     if len(key) != KEY_LEN:
         raise ConfigError(f"{path} is not a node key (expected {KEY_LEN} bytes, found {len(key)})")
     return key
+
+
+def next_incarnation(data_dir: Path) -> int:
+    """Bump and persist the incarnation in ``data_dir``: a restarted node outranks every death that
+    was declared for its previous run (failure notices carry the incarnation they refer to)."""
+    path = data_dir / INCARNATION_FILE
+    try:
+        previous = int(path.read_text().strip() or "0")
+    except FileNotFoundError:
+        previous = -1
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read incarnation file {path}: {exc}") from None
+    current = max(previous + 1, 0)
+    _write_atomic(path, f"{current}\n".encode(), 0o644)
+    return current
 
 
 def format_address(host: str, port: int) -> str:
@@ -195,7 +212,9 @@ class Daemon:
         if settings.advertise is None and host in ("0.0.0.0", "::", ""):
             logger.warning("listening on a wildcard address without --advertise: peers are told %s", advertise)
         self.peer = Peer(ring_id(node_key), advertise)
-        self.core = NodeCore(self.peer, settings.overlay, random.Random(self.rng_seed))
+        incarnation = next_incarnation(self.data_dir)
+        self.core = NodeCore(self.peer, settings.overlay, random.Random(self.rng_seed),
+                             failure=settings.failure, incarnation=incarnation)
         self.driver = NodeDriver(self.core, self.transport)
         self.driver.listeners.append(self._log_event)
         await self.transport.start(self.peer, self.driver.on_message, self.driver.on_unreachable)
@@ -324,6 +343,13 @@ class Daemon:
                 logger.info("left the ring")
             case PeerUnresponsive(peer=peer):
                 logger.info("peer %016x at %s unresponsive: removed from routing state", peer.id, peer.address)
+            case PeerDied(peer=peer, incarnation=inc, exact=exact):
+                logger.warning("declared peer %016x at %s dead (incarnation %d; holder estimate %s)",
+                               peer.id, peer.address, inc, "exact" if exact else "inexact, not propagated")
+            case PeerPurged(peer=peer):
+                logger.info("failure notice: peer %016x at %s purged from routing state", peer.id, peer.address)
+            case Refuted(incarnation=inc):
+                logger.warning("this node was declared dead by a peer; refuted with incarnation %d", inc)
             case SuccessorChanged(successor=succ):
                 logger.debug("successor now %016x at %s", succ.id, succ.address)
             case PredecessorChanged(predecessor=pred):

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from mlfabric.config import PRESETS, OverlayConfig
+from mlfabric.config import PRESETS, FailureConfig, OverlayConfig
 
 
 class ProgressBar:
@@ -43,6 +43,69 @@ class ProgressBar:
 
 def _overlay(preset: str) -> OverlayConfig:
     return OverlayConfig(**PRESETS[preset].get("overlay", {}))
+
+
+def _failure(preset: str) -> FailureConfig:
+    return FailureConfig(**PRESETS[preset].get("failure", {}))
+
+
+_TABLE = [
+    ("detection_delay_median_s", "delay median s"),
+    ("detection_delay_p99_s", "delay p99 s"),
+    ("keepalive_msgs_per_node_s", "keep-alive msg/node/s"),
+    ("propagation_msgs_per_failure", "propagation msg/failure"),
+    ("nodes_notified_per_failure", "nodes notified/failure"),
+    ("true_holders_per_failure", "true holders/failure"),
+    ("missed_holders", "missed holders"),
+    ("false_positives", "false positives"),
+    ("estimation_precision", "estimate precision"),
+    ("estimation_recall", "estimate recall"),
+    ("lookup_failure_rate", "lookup failure rate"),
+    ("wall_s", "wall s"),
+]
+
+
+def comparison_table(results: list[dict[str, Any]]) -> str:
+    """A plain-text table, one column per scheme (also used by docs/failure.md)."""
+    head = ["metric", *(r["scheme"] for r in results)]
+    rows = [head]
+    for key, label in _TABLE:
+        rows.append([label, *("-" if r.get(key) is None else f"{r[key]:g}" for r in results)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths,
+             strict=True))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cmd_failure(args: argparse.Namespace) -> int:
+    from mlfabric.sim.failure import SCHEMES, run_failure
+
+    if args.nodes < 3 or not 0 <= args.failures < args.nodes:
+        print("mlfabric: need --nodes >= 3 and 0 <= --failures < --nodes", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.loss < 1.0 or args.churn < 0:
+        print("mlfabric: --loss must be in [0, 1) and --churn at least 0", file=sys.stderr)
+        return 2
+    schemes = list(SCHEMES) if args.scheme == "all" else [args.scheme]
+    results = []
+    for scheme in schemes:
+        bar = None if args.json else ProgressBar()
+        try:
+            results.append(run_failure(args.nodes, args.seed, args.failures, scheme, progress=bar,
+                                       loss=args.loss, churn=args.churn, overlay=_overlay(args.preset),
+                                       failure=_failure(args.preset), window=args.window))
+        finally:
+            if bar is not None:
+                bar.close()
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else {"schemes": results}))
+    else:
+        r = results[0]
+        print(f"{r['nodes']} nodes, {r['failures']} crashes over {r['window_virtual_s']} virtual s, "
+              f"seed {r['seed']}, loss {r['loss']}, churn {r['churn']}/s")
+        print(comparison_table(results))
+    return 0
 
 
 def _cmd_ring(args: argparse.Namespace) -> int:
@@ -85,3 +148,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     ring.add_argument("--wire", action="store_true", help="encode and decode every message (slower)")
     ring.add_argument("--json", action="store_true", help="print one JSON object")
     ring.set_defaults(func=_cmd_ring)
+
+    fail = ssub.add_parser("failure", help="crash nodes in a settled ring; measure detection and propagation")
+    fail.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    fail.add_argument("--seed", type=int, default=1, help="seed for ids, victims, crash times, latencies, loss")
+    fail.add_argument("--failures", type=int, required=True, help="nodes crashed (fail-stop) at random times")
+    fail.add_argument("--scheme", choices=["stateless", "stateful", "stabilize", "all"], default="stateless",
+                      help="propagation scheme; 'all' runs the three on the same seed and compares them")
+    fail.add_argument("--loss", type=float, default=0.0, help="message loss probability during the failures")
+    fail.add_argument("--churn", type=float, default=0.0,
+                      help="churn events per virtual second during the failures (a join or a graceful leave)")
+    fail.add_argument("--window", type=float, default=None,
+                      help="virtual seconds over which the crashes happen (default max(30, 0.3 * F))")
+    fail.add_argument("--preset", choices=sorted(PRESETS), default="lan", help="timers (default lan)")
+    fail.add_argument("--json", action="store_true", help="print JSON (one object per scheme under 'schemes' "
+                      "with --scheme all)")
+    fail.set_defaults(func=_cmd_failure)

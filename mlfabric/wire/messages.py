@@ -389,6 +389,7 @@ class FailureNotice(Message):
     replacement: Peer | None = f(OPT_PEER)
     hops: int = f(SMALL, 0)
     seq: int = f(U64, 0)  # non-zero: the next hop answers NoticeAck(seq), else the sender tries another
+    predecessor: Peer | None = f(OPT_PEER, None)  # pred(dead) as the detector knows it exactly
 
 
 NOTICE_DIRECT, NOTICE_BACKWARD, NOTICE_INTERVAL = 0, 1, 2
