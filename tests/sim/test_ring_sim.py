@@ -264,8 +264,8 @@ def test_graceful_leave_repairs_neighbours_faster_than_a_crash(seed: int) -> Non
         reconverge(sim, crash_bound(n), f"{mode} of {count} nodes")
         stats = check_lookups(sim, 300)
         assert stats["wrong"] == stats["first_try_failed"] == 0, f"seed={seed} {mode}: {stats}"
-    # a Leaving message is one link latency away; a crash has to wait for a timeout. (Seed 2 fails
-    # today: a Notify sent just before the leave overtakes the Leaving and undoes the handover, see
+    # a Leaving message is one link latency away; a crash has to wait for a timeout. (Seed 2 used to
+    # fail: a Notify sent just before the leave trailed the Leaving and undid the handover, see
     # tests/unit/test_chord.py::test_stale_notify_from_a_node_that_left_does_not_undo_its_handover.)
     assert repair["leave"] <= LATENCY[1] + step, f"seed={seed}: {repair}"
     assert repair["crash"] >= min(CFG.rpc_timeout, FAILURE.probe_timeout), f"seed={seed}: {repair}"
