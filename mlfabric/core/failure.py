@@ -364,6 +364,13 @@ class FailureDetector:
             if check.target.address == address and not check.indirect:
                 self._on_check_timeout(check, now)
 
+    def verify_predecessor(self, now: float) -> None:
+        """A predecessor taken from hearsay (a notice, a Leaving) may be dead already: check it now,
+        since it is otherwise probed only at the far rate."""
+        pred = self.chord.predecessor
+        if pred is not None and self._near_at is not None:
+            self._probe(pred, now)
+
     def observe(self, src: Peer) -> None:
         """Any message straight from ``src`` proves it is running: lift its death mark."""
         if src.id in self._dead:
@@ -543,12 +550,21 @@ class FailureDetector:
         self._seen[key] = now + self.cfg.dead_ttl
         if dead.id not in self._dead:
             self._mark_dead(dead, n.incarnation, now)
-        if self.chord.remove_dead(dead, n.replacement):
+        pred, exact, repl = self._neighbours_of(dead)
+        if exact and pred is not None and pred.id == self.me.id and repl is not None \
+                and repl.id not in (src.id, n.detector.id) and n.mode != NOTICE_DIRECT:
+            # we are pred(dead) and know its successor, whose predecessor pointer the detector may not
+            # have been able to reach (dead was the last entry of its successor list)
+            self.counters["notices_sent"] += 1
+            self._forward(replace(n, mode=NOTICE_DIRECT, start=0, end=0, back=0, replacement=repl,
+                                  predecessor=self.me, hops=0), [repl], now, first_hop=True)
+        if self.chord.remove_dead(dead, n.replacement or repl):
             self.counters["purged_by_notice"] += 1
             self._events.append(PeerPurged(dead))
         if n.predecessor is not None and n.replacement is not None and n.replacement.id == self.me.id:
             # we are the dead node's successor: its predecessor is our new predecessor (Chord's notify rule)
             self.chord.offer_predecessor(n.predecessor)
+            self.verify_predecessor(now)
         if n.hops >= MAX_NOTICE_HOPS:
             return
         if n.mode == NOTICE_BACKWARD:

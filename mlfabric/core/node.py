@@ -66,7 +66,10 @@ class NodeCore:
         else:
             if isinstance(msg, Leaving):
                 self.detector.departed(src, now)  # before the overlay drops it: needs its neighbours
-            self.chord.receive(src, msg, now)
+                self.chord.receive(src, msg, now)
+                self.detector.verify_predecessor(now)
+            else:
+                self.chord.receive(src, msg, now)
 
     def handle_timer(self, now: float) -> None:
         self.chord.handle_timer(now)
