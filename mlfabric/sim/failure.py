@@ -257,6 +257,7 @@ class FailureRun:
             "detection_delay_median_s": _round(_percentile(delays, 0.5)),
             "detection_delay_p99_s": _round(_percentile(delays, 0.99)),
             "detection_delay_max_s": _round(max(delays) if delays else None),
+            "detection_delays_s": sorted(round(d, 3) for d in delays),
             "undetected_failures": len(unresolved),
             "keepalive_msgs_per_node_s": round(self.sent["keepalive"] / node_seconds, 4) if node_seconds else None,
             "overlay_msgs_per_node_s": round(self.sent["overlay"] / node_seconds, 4) if node_seconds else None,
