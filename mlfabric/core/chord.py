@@ -356,6 +356,9 @@ class ChordMachine:
     def closest_preceding(self, key: int, limit: int) -> list[Peer]:
         return self._closest_preceding(key, limit)
 
+    def successor_answer(self, key: int) -> tuple[Peer, ...] | None:
+        return self._successor_answer(key) if self.successors else None
+
     # ------------------------------------------------------------------ lookups
 
     def _start_lookup(self, key: int, purpose: int, now: float, finger: int = 0) -> int:

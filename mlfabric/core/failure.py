@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from mlfabric.config import FailureConfig
 from mlfabric.core.chord import ChordMachine
 from mlfabric.core.events import Event
-from mlfabric.core.ring import BITS, MASK, SIZE, distance, in_half_open
+from mlfabric.core.ring import BITS, MASK, SIZE, distance
 from mlfabric.wire.messages import (
     NOTICE_BACKWARD,
     NOTICE_DIRECT,
@@ -132,6 +132,11 @@ class _Forward:
     target: Peer
     alternatives: list[Peer]
     deadline_at: float
+    avoid: set[int]  # hops that did not ack this notice
+    first_hop: bool
+
+
+_MAX_AVOID = 4
 
 
 KEEPALIVE_TYPES = (Ping, Pong, ProbeRequest, ProbeResult, Register, BackpointerCopy, Alive)
@@ -232,7 +237,11 @@ class FailureDetector:
             if fw.deadline_at <= now and self._forwards.pop(seq, None) is not None:
                 # the next hop did not acknowledge: check it, and route around it
                 self.suspect(fw.target, now)
-                self._forward(fw.notice, fw.alternatives, now)
+                fw.avoid.add(fw.target.id)
+                if any(p.id not in fw.avoid for p in fw.alternatives):
+                    self._forward(fw.notice, fw.alternatives, now, fw.first_hop, fw.avoid)
+                elif len(fw.avoid) <= _MAX_AVOID:
+                    self._reroute(fw.notice, now, fw.first_hop, fw.avoid)
         if self._near_at is not None and self._near_at <= now:
             self._near_at = now + self.cfg.near_interval
             self._probe_near(now)
@@ -253,7 +262,7 @@ class FailureDetector:
         self._seq_to_target.clear()
         self._helping.clear()
         for fw in list(self._forwards.values()):  # resend, without holding the silence against anyone
-            self._forward(fw.notice, [fw.target, *fw.alternatives], now)
+            self._forward(fw.notice, [fw.target, *fw.alternatives], now, fw.first_hop, fw.avoid)
         self._forwards.clear()
         self.start(now)
 
@@ -572,17 +581,29 @@ class FailureDetector:
         elif n.mode == NOTICE_INTERVAL:
             self._route_interval(n, now)
 
-    def _forward(self, n: FailureNotice, targets: list[Peer], now: float, first_hop: bool = False) -> None:
+    def _forward(self, n: FailureNotice, targets: list[Peer], now: float, first_hop: bool = False,
+                 avoid: set[int] | None = None) -> None:
         """Send ``n`` to the first usable target, keeping the rest as fallbacks until it acks."""
+        avoid = avoid if avoid is not None else set()
         for k, target in enumerate(targets):
-            if target.id in (self.me.id, n.dead.id) or self.is_dead(target.id):
+            if target.id in (self.me.id, n.dead.id) or target.id in avoid or self.is_dead(target.id):
                 continue
             seq = self._new_seq()
-            self._forwards[seq] = _Forward(n, target, targets[k + 1:], now + self.cfg.notice_timeout)
+            rest = [p for p in targets[k + 1:] if p.id != target.id]
+            self._forwards[seq] = _Forward(n, target, rest, now + self.cfg.notice_timeout, avoid, first_hop)
             if not first_hop:
                 self.counters["notices_forwarded"] += 1
             self._send(target.address, replace(n, hops=n.hops + 1, seq=seq))
             return
+
+    def _reroute(self, n: FailureNotice, now: float, first_hop: bool, avoid: set[int]) -> None:
+        """Every planned hop stayed silent: plan again from the routing table as it is now."""
+        if n.mode == NOTICE_INTERVAL:
+            self._route_interval(n, now, first_hop, avoid)
+        elif n.mode == NOTICE_BACKWARD:
+            c = self.chord
+            targets = [p for p in (c.predecessor, c.pred_pred) if p is not None]
+            self._forward(n, targets, now, first_hop, avoid)
 
     def _forward_backward(self, n: FailureNotice, now: float) -> None:
         c = self.chord
@@ -590,19 +611,23 @@ class FailureDetector:
             targets = [c.predecessor] + ([c.pred_pred] if c.pred_pred is not None else [])
             self._forward(replace(n, back=n.back - 1), targets, now)
 
-    def _route_interval(self, n: FailureNotice, now: float, first_hop: bool = False) -> None:
-        """Walk successors through [start, end], or route towards start (closest preceding node)."""
+    def _route_interval(self, n: FailureNotice, now: float, first_hop: bool = False,
+                        avoid: set[int] | None = None) -> None:
+        """Route towards ``start`` (closest preceding node; ``back`` = 0), then walk successors through
+        [start, end] (``back`` = 1). A node inside the interval that receives the notice while it is
+        still being routed routes it on: the walk must begin at the interval's first node."""
         c = self.chord
-        me = self.me.id
         if not c.successors:
             return
-        if in_interval(me, n.start, n.end) or in_half_open(n.start, me, c.successor.id):
-            # walk: the next live successors that still lie in the interval
+        # the walk starts at the first successor-list entry at or after start (not just at our first
+        # successor: a dead, not yet purged, first successor must not end the notice)
+        walking = n.back == 1 or c.successor_answer(n.start) is not None
+        if walking:
             targets = [x for x in c.successors if x.id != n.dead.id and in_interval(x.id, n.start, n.end)]
-            self._forward(n, targets[:3], now, first_hop)
+            self._forward(replace(n, back=1), targets[:3 + len(avoid or ())], now, first_hop, avoid)
             return
-        targets = [*c.closest_preceding(n.start, 3), c.successor]
-        self._forward(n, targets, now, first_hop)
+        targets = [*c.closest_preceding(n.start, 3 + len(avoid or ())), c.successor]
+        self._forward(n, targets, now, first_hop, avoid)
 
     # ------------------------------------------------------------------ stateful backpointers
 

@@ -375,8 +375,8 @@ class FailureNotice(Message):
 
     ``mode`` DIRECT: no forwarding (stateful scheme, or a single target). BACKWARD: the receiver
     forwards it to its predecessor while ``back`` > 0 (the dead node's successor-list holders).
-    INTERVAL: routed towards ``start``, then walks successors while they lie in [start, end] (one
-    estimated finger-holder interval). ``replacement`` is the dead node's successor when known.
+    INTERVAL: routed towards ``start`` (``back`` = 0), then walks successors while they lie in
+    [start, end] (``back`` = 1; one estimated finger-holder interval). ``replacement`` is the dead node's successor when known.
     """
 
     dead: Peer = f(PEER)
