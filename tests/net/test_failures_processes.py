@@ -64,12 +64,13 @@ SLACK = 2.0
 # -------------------------------------------------------------------- helpers
 
 
+def routing_entries(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every peer a status names in its routing state: predecessor, successor list, fingers."""
+    return [p for p in (status["predecessor"], *status["successors"], *status["fingers"]) if p]
+
+
 def routing_ids(status: dict[str, Any]) -> set[int]:
-    """Every node id a status names in its routing state: predecessor, successor list, fingers."""
-    ids = {p["id"] for p in status["successors"]} | {f["id"] for f in status["fingers"] if f}
-    if status["predecessor"]:
-        ids.add(status["predecessor"]["id"])
-    return ids
+    return {p["id"] for p in routing_entries(status)}
 
 
 def counter_sum(statuses: list[dict[str, Any] | None], name: str) -> int:
@@ -107,17 +108,40 @@ async def poll(
 async def ring_state(
     nodes: list[ClusterNode], dead: frozenset[int] | set[int] = frozenset()
 ) -> tuple[bool, dict[str, Any]]:
-    """(ideal ring over ``nodes`` and no routing entry names an id in ``dead``, a report)."""
+    """(ideal ring over ``nodes``, no routing entry names an id in ``dead`` and every entry naming a
+    member carries its current address (a restarted node listens on a new port), a report)."""
     statuses = await fetch_statuses([n.control for n in nodes], timeout=2)
     report = ring_report(statuses, R)
-    stale = {
-        f"{s['id']:016x}": sorted(f"{d:016x}" for d in routing_ids(s) & dead)
-        for s in statuses
-        if s is not None and routing_ids(s) & dead
-    }
-    report["naming_dead"] = stale
+    where = {n.id: n.address for n in nodes}
+    stale: dict[str, list[str]] = {}
+    for s in statuses:
+        if s is None:
+            continue
+        bad = {
+            f"{p['id']:016x}@{p['address']}"
+            for p in routing_entries(s)
+            if p["id"] in dead or (p["id"] in where and p["address"] != where[p["id"]])
+        }
+        if bad:
+            stale[f"{s['id']:016x}"] = sorted(bad)
+    report["stale_entries"] = stale
     report["statuses"] = statuses
     return report["converged"] and not stale, report
+
+
+class FirstTime:
+    """Wraps a ring_state check and remembers when every node first had the true successor and
+    predecessor (the rest of the report, successor lists and fingers, may still lag)."""
+
+    def __init__(self, check: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]], since: float) -> None:
+        self.check, self.since, self.neighbours_at = check, since, None
+
+    async def __call__(self) -> tuple[bool, dict[str, Any]]:
+        done, report = await self.check()
+        full = report["answered"] == report["nodes"] == report["successor"] == report["predecessor"]
+        if self.neighbours_at is None and full:
+            self.neighbours_at = time.monotonic() - self.since
+        return done, report
 
 
 def brief(report: dict[str, Any]) -> dict[str, Any]:
@@ -258,11 +282,15 @@ async def test_kill_six_of_24_repairs_within_bound_and_two_restarted_rejoin(clus
         )
     members = live + restarted
     still_dead = dead - {x.id for x in restarted}
-    # The others still mark the restarted ids dead (declared at most `repair` s before the restart);
-    # they re-adopt them on direct contact or when the mark is forgotten: FORGET after the declaration.
+    # The others still mark the restarted ids dead (declared before the restart); they re-adopt them on
+    # direct contact or when the mark is forgotten, FORGET after the declaration. The FORGET term is the
+    # design's worst case today, not the goal: a restarted node's predecessor ignores it (stabilize
+    # hears of it only second hand) until the mark expires, and lookups into its range answer its
+    # successor meanwhile (reported; tighten to a few DETECT once a returning node is re-adopted at once).
     rejoin_bound = FORGET + SLACK
+    watch = FirstTime(lambda: ring_state(members, still_dead), t1)
     rejoin, report = await poll(
-        lambda: ring_state(members, still_dead),
+        watch,
         rejoin_bound,
         f"ideal ring of the {len(members)} nodes with the restarted ones",
         context,
@@ -273,7 +301,8 @@ async def test_kill_six_of_24_repairs_within_bound_and_two_restarted_rejoin(clus
     for fresh in restarted:
         assert statuses[fresh.id]["incarnation"] == incarnations[fresh.index] + 1, tag
     print(
-        f"restarted {back}: ready in {ready:.3f}s, ideal ring of {len(members)} {rejoin:.3f}s after the restart "
+        f"restarted {back}: ready in {ready:.3f}s, true successor and predecessor everywhere "
+        f"{watch.neighbours_at:.3f}s and ideal ring of {len(members)} {rejoin:.3f}s after the restart "
         f"(bound {rejoin_bound:.2f}s)"
     )
     assert lookups["correct"] == lookups["lookups"] == 8 * len(members), f"{tag}: {lookups}"
@@ -364,17 +393,16 @@ async def test_sigstop_shorter_than_suspicion_is_no_death_longer_is_and_the_node
     # It comes back under the same id: the others re-adopt it on direct contact, at the latest when they
     # forget the death (FORGET after the declaration, which was `purged` s into the stall).
     back_bound = FORGET + SLACK
-    rejoin, report = await poll(
-        lambda: ring_state(nodes), back_bound, "ideal ring with the stalled node back", context, since=t1
-    )
+    watch = FirstTime(lambda: ring_state(nodes), t1)
+    rejoin, report = await poll(watch, back_bound, "ideal ring with the stalled node back", context, since=t1)
     lookups = await check_lookups([x.control for x in nodes], [x.id for x in nodes], keys_per_node=8, seed=SEED)
     mine = next(s for s in report["statuses"] if s["id"] == victim.id)
     log = Path(victim.log).read_text(errors="replace")
     how = "refuted" if mine["counters"]["refutations"] else "rejoined without a refutation"
     print(
         f"long stall {stalled:.3f}s: declared and purged everywhere {purged:.3f}s into the stall "
-        f"(bound {purge_bound:.2f}s), deaths_declared {deaths0} -> {deaths1}; after SIGCONT ideal ring in "
-        f"{rejoin:.3f}s (bound {back_bound:.2f}s); it {how}: refutations={mine['counters']['refutations']} "
+        f"(bound {purge_bound:.2f}s), deaths_declared {deaths0} -> {deaths1}; after SIGCONT true neighbours in "
+        f"{watch.neighbours_at:.3f}s, ideal ring in {rejoin:.3f}s (bound {back_bound:.2f}s); it {how}: refutations={mine['counters']['refutations']} "
         f"stalls={mine['counters']['stalls']} incarnation={mine['incarnation']} "
         f"'refuted' log lines={log.count('refuted with incarnation')}"
     )
