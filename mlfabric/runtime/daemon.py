@@ -218,7 +218,8 @@ class Daemon:
         self.driver = NodeDriver(self.core, self.transport)
         self.driver.listeners.append(self._log_event)
         await self.transport.start(self.peer, self.driver.on_message, self.driver.on_unreachable)
-        self.control = ControlServer({"/status": self._status_route, "/lookup": self._lookup_route})
+        self.control = ControlServer({"/status": self._status_route, "/lookup": self._lookup_route,
+                                      "/metrics": self._metrics_route})
         chost, cport = parse_address(settings.control, allow_zero=True)
         try:
             self.control_address = await self.control.start(chost, cport)
@@ -310,6 +311,31 @@ class Daemon:
 
     async def _status_route(self, query: dict[str, str]) -> Response:
         return Response.json(self.status())
+
+    async def _metrics_route(self, query: dict[str, str]) -> Response:
+        """Prometheus text exposition (format 0.0.4) of the node's counters and gauges."""
+        assert self.core is not None and self.transport is not None
+        st = self.core.status()
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str, value: float, labels: str = "") -> None:
+            lines.append(f"# HELP mlfabric_{name} {help_text}")
+            lines.append(f"# TYPE mlfabric_{name} {kind}")
+            lines.append(f"mlfabric_{name}{labels} {value}")
+
+        for name, value in sorted(st["counters"].items()):
+            metric(f"{name}_total", "counter", f"{name.replace('_', ' ')} since start", value)
+        for name, value in sorted(self.transport.counters.items()):
+            metric(f"transport_{name}_total", "counter", f"transport {name.replace('_', ' ')} since start", value)
+        metric("incarnation", "gauge", "incarnation of this node (bumped on every restart and refutation)",
+               st["incarnation"])
+        metric("successors", "gauge", "entries in the successor list", len(self.core.chord.successors))
+        metric("distinct_fingers", "gauge", "distinct nodes in the finger table",
+               len(self.core.chord.distinct_fingers()))
+        metric("open_connections", "gauge", "open TCP connections", self.transport.open_connections)
+        metric("uptime_seconds", "gauge", "seconds since the node started",
+               round(asyncio.get_running_loop().time() - self._started_at, 3))
+        return Response(200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4")
 
     async def _lookup_route(self, query: dict[str, str]) -> Response:
         assert self.driver is not None
