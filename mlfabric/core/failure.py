@@ -394,7 +394,8 @@ class FailureDetector:
                 self._send(src.address, Pong(seq=seq, incarnation=self.incarnation))
             case Pong(seq=seq, incarnation=inc):
                 helped = self._helping.pop(seq, None)
-                target_id = self._seq_to_target.pop(seq, None)
+                # a Pong from another address must not use up the seq: the probed node's own Pong still counts
+                target_id = self._seq_to_target.pop(seq, None) if helped is not None else self._seq_to_target.get(seq)
                 if helped is not None:
                     asker, req, target, _ = helped
                     if target.address == src.address:
