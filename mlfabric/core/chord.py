@@ -107,6 +107,8 @@ class ChordMachine:
         self._route_peers: list[Peer] = []
         # Hooks for a failure detector (core/failure.py). Without one, a timed-out peer is forgotten.
         self.is_dead: Callable[[int], bool] = lambda node_id: False
+        # called when hearsay (a neighbour's list or pointer) names a node marked dead: it may be back
+        self.on_dead_hearsay: Callable[[Peer], None] = lambda peer: None
         self.on_unresponsive: Callable[[Peer, float], None] | None = None
         self.check_predecessor_enabled = True
         self.counters: dict[str, int] = {
@@ -270,7 +272,10 @@ class ChordMachine:
         seen = set()
         is_dead = self.is_dead
         for s in succs:
-            if s.id == self.me.id or s.id in seen or is_dead(s.id):
+            if s.id == self.me.id or s.id in seen:
+                continue
+            if is_dead(s.id):
+                self.on_dead_hearsay(s)
                 continue
             seen.add(s.id)
             out.append(s)
@@ -580,6 +585,8 @@ class ChordMachine:
                 return
             x = msg.predecessor
             new_list = [succ, *msg.successors]
+            if x is not None and self.is_dead(x.id):
+                self.on_dead_hearsay(x)  # our successor is in touch with it: it may have come back
             if x is not None and x.id != self.me.id and not self.is_dead(x.id) and in_open(x.id, self.me.id, succ.id):
                 # a node joined between us and our successor: adopt it and ask it at once
                 new_list = [x, *new_list]

@@ -183,6 +183,9 @@ class FailureDetector:
             "departures": 0,
         }
         chord.is_dead = self.is_dead
+        chord.on_dead_hearsay = self._recheck
+        self._now = 0.0
+        self._rechecked: dict[int, float] = {}
         chord.on_unresponsive = self.suspect
         chord.check_predecessor_enabled = False
 
@@ -222,6 +225,7 @@ class FailureDetector:
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
+        self._now = now
         if self._near_at is not None and now - self._near_at > self.cfg.stall_threshold:
             self._on_stall(now)
             return
@@ -380,15 +384,30 @@ class FailureDetector:
         if pred is not None and self._near_at is not None:
             self._probe(pred, now)
 
-    def observe(self, src: Peer) -> None:
+    def _recheck(self, peer: Peer) -> None:
+        """Hearsay still names ``peer``, which we marked dead: probe it (at most once per
+        near_interval). If it restarted or was only stalled, its Pong lifts the mark at once instead
+        of after dead_ttl; if it is dead, the check ends quietly (it is already declared)."""
+        now = self._now
+        last = self._rechecked.get(peer.id)
+        if last is not None and now - last < self.cfg.near_interval:
+            return
+        if len(self._rechecked) > _MAX_REMEMBERED:
+            self._rechecked.clear()
+        self._rechecked[peer.id] = now
+        self._probe(peer, now)
+
+    def observe(self, src: Peer | None, now: float) -> None:
         """Any message straight from ``src`` proves it is running: lift its death mark."""
-        if src.id in self._dead:
+        self._now = now
+        if src is not None and src.id in self._dead:
             del self._dead[src.id]
 
     # ------------------------------------------------------------------ receiving
 
     def receive(self, src: Peer, msg: Message, now: float) -> bool:
         """Handle a failure-detection message; False when the message is not ours."""
+        self._now = now
         match msg:
             case Ping(seq=seq):
                 self._send(src.address, Pong(seq=seq, incarnation=self.incarnation))

@@ -57,7 +57,7 @@ class NodeCore:
     def receive(self, src: Peer, msg: Message, now: float) -> None:
         if self.chord.leaving:
             return
-        self.detector.observe(src)
+        self.detector.observe(src, now)
         if isinstance(msg, _DETECTOR_MESSAGES):
             self.detector.receive(src, msg, now)
         elif isinstance(msg, Pong):
@@ -72,6 +72,7 @@ class NodeCore:
                 self.chord.receive(src, msg, now)
 
     def handle_timer(self, now: float) -> None:
+        self.detector.observe(None, now)
         self.chord.handle_timer(now)
         if self._started and not self.chord.leaving:
             self.detector.handle_timer(now)
