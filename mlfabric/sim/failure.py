@@ -281,13 +281,16 @@ class FailureRun:
 
     def _estimation(self) -> tuple[float | None, float | None]:
         """Precision and recall of the stateless estimate against the true holders, per failure,
-        using the first declaration of each crashed node (the ideal ring of the nodes alive then)."""
+        using the first exact declaration of each crashed node (the one that propagates), on the ideal
+        ring of the nodes alive then."""
         if self.scheme != "stateless":
             return None, None
         r = self.sim.cfg.successors
         first: dict[str, tuple[float, PeerDied]] = {}
         for t, _, ev in self.declared:
-            if ev.peer.address in self.crashed_at and ev.peer.address not in first and ev.pred is not None:
+            # score the estimate that was acted on: only a detector that knows pred(f) exactly propagates
+            if ev.peer.address in self.crashed_at and ev.peer.address not in first and ev.pred is not None \
+                    and ev.exact:
                 first[ev.peer.address] = (t, ev)
         precisions, recalls = [], []
         all_ids = {c.me.id: a for a, c in self.net.nodes.items()}
