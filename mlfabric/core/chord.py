@@ -647,6 +647,7 @@ class ChordMachine:
 
     def _on_finger_found(self, i: int, node: Peer) -> None:
         if self.is_dead(node.id):
+            self.on_dead_hearsay(node)  # the ring says it is there: check (it may have restarted)
             return
         me = self.me.id
         reach = distance(me, node.id) if node.id != me else MASK + 1

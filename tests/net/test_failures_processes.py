@@ -50,11 +50,6 @@ R = OVERLAY.successors
 # for the indirect probes. On loopback a killed peer refuses the connection, which skips probe_timeout,
 # so this is an over-estimate for kills and exact for a stopped process (whose kernel still accepts).
 DETECT = FAIL.near_interval + FAIL.probe_timeout + FAIL.suspicion_timeout
-# A declared death is remembered for dead_ttl and forgotten at the next housekeeping sweep after that
-# (every min(dead_ttl, 10 near_interval)); until then hearsay about the node (successor lists, finger
-# answers) is ignored, and only a message straight from it lifts the mark. So a node that comes back
-# under the same id is fully re-adopted within dead_ttl + one sweep of its declaration.
-FORGET = FAIL.dead_ttl + min(FAIL.dead_ttl, 10 * FAIL.near_interval)
 # Slack for everything after the declaration (notices hop by hop, notice_timeout around a dead hop,
 # stabilize rounds refilling successor lists, fix_fingers), for the polling itself, and for timers
 # firing late on a loaded 2-core machine. Measured repairs (see the tests) need well under half of it.
@@ -284,12 +279,12 @@ async def test_kill_six_of_24_repairs_within_bound_and_two_restarted_rejoin(clus
         )
     members = live + restarted
     still_dead = dead - {x.id for x in restarted}
-    # The others still mark the restarted ids dead (declared before the restart); they re-adopt them on
-    # direct contact or when the mark is forgotten, FORGET after the declaration. The FORGET term is the
-    # design's worst case today, not the goal: a restarted node's predecessor ignores it (stabilize
-    # hears of it only second hand) until the mark expires, and lookups into its range answer its
-    # successor meanwhile (reported; tighten to a few DETECT once a returning node is re-adopted at once).
-    rejoin_bound = FORGET + SLACK
+    # The others still mark the restarted ids dead (declared before the restart). Hearsay naming a
+    # dead-marked node makes them probe it (at most once per near_interval) and its Pong lifts the mark,
+    # so a returning node is re-adopted within a few probe rounds, not after dead_ttl: the successor
+    # hears from it at once, the predecessor within a stabilize round plus one probe, and the fingers
+    # follow within a fix_fingers sweep. 3 DETECT + SLACK covers that with margin (measured ~2-3 s).
+    rejoin_bound = 3 * DETECT + SLACK
     watch = FirstTime(lambda: ring_state(members, still_dead), t1)
     rejoin, report = await poll(
         watch,
@@ -391,9 +386,9 @@ async def test_sigstop_shorter_than_suspicion_is_no_death_longer_is_and_the_node
         os.kill(victim.pid, signal.SIGCONT)
     t1 = time.monotonic()
     stalled = t1 - t0
-    # It comes back under the same id: the others re-adopt it on direct contact, at the latest when they
-    # forget the death (FORGET after the declaration, which was `purged` s into the stall).
-    back_bound = FORGET + SLACK
+    # It comes back under the same id: the others re-adopt it on direct contact, or when hearsay about
+    # it makes them probe it (see the restart bound above).
+    back_bound = 3 * DETECT + SLACK
     watch = FirstTime(lambda: ring_state(nodes), t1)
     rejoin, report = await poll(watch, back_bound, "ideal ring with the stalled node back", context, since=t1)
     lookups = await check_lookups([x.control for x in nodes], [x.id for x in nodes], keys_per_node=8, seed=SEED)
