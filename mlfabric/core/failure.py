@@ -353,7 +353,8 @@ class FailureDetector:
         seen: set[int] = set()
         out = []
         for p in cands:
-            if p.id in (target.id, self.me.id) or p.id in seen or p.id in self._checks or self.is_dead(p.id):
+            check = self._checks.get(p.id)  # a suspect cannot vouch; a routine probe in flight is no suspicion
+            if p.id in (target.id, self.me.id) or p.id in seen or (check and check.indirect) or self.is_dead(p.id):
                 continue
             seen.add(p.id)
             out.append(p)
