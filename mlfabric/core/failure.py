@@ -124,6 +124,7 @@ class _Check:
     seq: int
     deadline_at: float
     indirect: bool = False
+    heard: bool = False  # the target sent us something directly while the check ran
 
 
 @dataclass(slots=True)
@@ -332,6 +333,10 @@ class FailureDetector:
         return seq
 
     def _on_check_timeout(self, check: _Check, now: float) -> None:
+        if check.heard:
+            # it spoke to us directly while we waited (it came back, or our probe was lost): alive
+            self._clear_check(check.target.id)
+            return
         if not check.indirect:
             self.counters["suspicions"] += 1
             helpers = [p for p in self._helpers(check.target)][: self.cfg.indirect_checks]
@@ -401,8 +406,13 @@ class FailureDetector:
     def observe(self, src: Peer | None, now: float) -> None:
         """Any message straight from ``src`` proves it is running: lift its death mark."""
         self._now = now
-        if src is not None and src.id in self._dead:
+        if src is None:
+            return
+        if src.id in self._dead:
             del self._dead[src.id]
+        check = self._checks.get(src.id)
+        if check is not None and check.target.address == src.address:
+            check.heard = True
 
     # ------------------------------------------------------------------ receiving
 
@@ -499,10 +509,18 @@ class FailureDetector:
         elif self.cfg.scheme == "stateful":
             self._notify_backpointers(peer, inc, repl, now)
 
-    def _notify_backpointers(self, peer: Peer, inc: int, repl: Peer | None, now: float) -> None:
-        holders, _ = self._copies.pop(peer.id, ((), 0.0))
+    def _notify_backpointers(self, peer: Peer, inc: int, repl: Peer | None, now: float,
+                             relay: Peer | None = None) -> None:
+        """Notify the holders in our copy of ``peer``'s backpointer set. Without a copy (the detector
+        was not one of its neighbours), hand the notice to ``peer``'s successor, which keeps a copy."""
         notice = FailureNotice(dead=peer, incarnation=inc, detector=self.me, mode=NOTICE_DIRECT,
                                start=0, end=0, back=0, replacement=repl)
+        if peer.id not in self._copies:
+            if repl is not None and repl.id != self.me.id and relay is None:
+                self.counters["notices_sent"] += 1
+                self._forward(notice, [repl], now, first_hop=True)
+            return
+        holders, _ = self._copies.pop(peer.id)
         for h in holders:
             if h.id not in (self.me.id, peer.id):
                 self.counters["notices_sent"] += 1
@@ -595,6 +613,9 @@ class FailureDetector:
             # we are the dead node's successor: its predecessor is our new predecessor (Chord's notify rule)
             self.chord.offer_predecessor(n.predecessor)
             self.verify_predecessor(now)
+        if self.cfg.scheme == "stateful" and dead.id in self._copies:
+            # we keep a copy of the dead node's backpointers: pass the notice on to its holders
+            self._notify_backpointers(dead, n.incarnation, n.replacement, now, relay=src)
         if n.hops >= MAX_NOTICE_HOPS:
             return
         if n.mode == NOTICE_BACKWARD:

@@ -205,7 +205,10 @@ class FailureRun:
             self._poll()
             if progress:
                 progress(f"{self.scheme}: failures", min(1.0, (sim.net.now - t0) / (self.window + 1e-9)))
-            if sim.net.now > t0 + self.window and len(self.resolved) == len(self.crashed_at):
+            if sim.net.now > t0 + self.window and len(self.resolved) == len(self.crashed_at) \
+                    and self._missed() == 0:
+                # every recorded holder has purged, and no node took a dead one in meanwhile (a
+                # successor list can shift past a crashed node and pick up another for one round)
                 break
         end = sim.net.now
         self.counting = False
@@ -213,16 +216,28 @@ class FailureRun:
 
     # ------------------------------------------------------------------ metrics
 
+    def _missed(self) -> int:
+        """(live node, crashed node) pairs where the live node still routes through the crashed one."""
+        nodes = self.net.nodes
+        dead_ids = {nodes[a].me.id for a in self.crashed_at}
+        count = 0
+        for a, c in nodes.items():
+            if a in self.net.crashed:
+                continue
+            ch = c.chord
+            held = {f.id for f in ch.fingers if f is not None}
+            held.update(x.id for x in ch.successors)
+            if ch.predecessor is not None:
+                held.add(ch.predecessor.id)
+            count += len(held & dead_ids)
+        return count
+
     def _report(self, t0: float, end: float, node_seconds: float, converged_at: float | None,
                 wall: float) -> dict[str, Any]:
         nodes = self.net.nodes
-        gone = self.net.crashed
         delays = list(self.resolved.values())
         unresolved = [a for a in self.crashed_at if a not in self.resolved]
-        dead_ids = {nodes[a].me.id for a in self.crashed_at}
-        missed = sum(
-            1 for a, c in nodes.items() if a not in gone for d in dead_ids if holds(c, d)
-        )
+        missed = self._missed()
         truly_dead = set(self.crashed_at) | self.left
         false_pos = {ev.peer.address for t, _, ev in self.declared if ev.peer.address not in truly_dead}
         precision, recall = self._estimation()

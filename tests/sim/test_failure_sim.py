@@ -143,11 +143,7 @@ def test_stateless_estimate_covers_every_true_holder() -> None:
     "scheme",
     [
         "stateless",
-        pytest.param("stateful", marks=pytest.mark.xfail(reason=(
-            "bug, reported: stateful keeps f's backpointer copy only at pred(f) and succ(f); when pred(f) "
-            "crashes before declaring f, pred(pred(f)) declares f without a copy and notifies nobody, and "
-            "succ(f), which holds the copy, never probes its predecessor: holders wait for their own far "
-            "probe (s188 purged by s176 after 21.0 s)"))),
+        "stateful",  # once failed: pred(pred(f)) declared f without a backpointer copy (fixed: relayed via succ(f))
     ],
 )
 def test_adjacent_crashes_are_purged_within_the_chain_bound(scheme: str) -> None:
@@ -176,11 +172,6 @@ def test_churn_run_ends_with_no_missed_holders(scheme: str) -> None:
     assert report["false_positives"] == 0, what(report)
 
 
-@pytest.mark.xfail(reason=(
-    "sim/failure.py, reported: the run stops at the first poll where every holder recorded at a crash has "
-    "purged, but missed_holders counts every live holder then, including s76, which took s55 into its "
-    "successor list after s55's crash (the list shifted past another crashed node) and drops it on its "
-    "next stabilize: missed_holders is 1 at t=58.60 and 0 at t=59.35"))
 def test_a_holder_that_took_the_victim_after_the_crash_is_not_counted_missed() -> None:
     _, report = run("stateful", seed=1)
     assert report["missed_holders"] == 0, what(report)
