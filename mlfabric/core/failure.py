@@ -665,7 +665,16 @@ class FailureDetector:
         # successor: a dead, not yet purged, first successor must not end the notice)
         walking = n.back == 1 or c.successor_answer(n.start) is not None
         if walking:
-            targets = [x for x in c.successors if x.id != n.dead.id and in_interval(x.id, n.start, n.end)]
+            targets = [x for x in c.successors if x.id != n.dead.id and in_interval(x.id, n.start, n.end)
+                       and x.id not in (avoid or ())]
+            if len(targets) > 1 and n.back == 1 and not avoid:
+                # fan out: the successors we know inside the interval get a direct copy at once, the
+                # last of them carries the walk on (a wide interval is covered r nodes per hop, not one)
+                direct = replace(n, mode=NOTICE_DIRECT, start=0, end=0, back=0)
+                for x in targets[:-1]:
+                    self._forward(direct, [x], now, first_hop)
+                self._forward(replace(n, back=1), [targets[-1], *reversed(targets[:-1])], now, first_hop)
+                return
             self._forward(replace(n, back=1), targets[:3 + len(avoid or ())], now, first_hop, avoid)
             return
         targets = [*c.closest_preceding(n.start, 3 + len(avoid or ())), c.successor]
