@@ -11,9 +11,9 @@ It runs the same experiment as ``mlfabric sim failure`` (same seed, same report)
 * crash → first exact declaration (the only declaration that propagates, stateless) and from that
   declaration to the last holder's purge;
 * lookups answered with a node that had already crashed;
-* stateless only: precision and recall of the estimate as the report computes them (first
-  declaration of each crash, exact or not) and restricted to the first *exact* declaration, whose
-  estimate is the one that is actually sent.
+* stateless only: precision and recall of the estimate from the first declaration of each crash,
+  exact or not (the report's metric before commit 7cd5722), and from the first *exact* declaration,
+  whose estimate is the one that is actually sent (the report's metric since).
 """
 
 from __future__ import annotations
@@ -116,8 +116,8 @@ def diagnose(nodes: int, failures: int, seed: int, scheme: str) -> list[str]:
             return (f"precision {statistics.mean(prec):.4f} recall {statistics.mean(rec):.4f} "
                     f"mean |estimate| {statistics.mean(size):.2f} (max {max(size)}), over {len(prec)} crashes")
 
-        out.append("estimate from the first declaration (as in the report): " + score(first))
-        out.append("estimate from the first exact declaration (the one sent): " + score(first_exact))
+        out.append("estimate from the first declaration, exact or not: " + score(first))
+        out.append("estimate from the first exact declaration (the one sent, as in the report): " + score(first_exact))
         nonexact = {a: v for a, v in first.items() if not v[1].exact}
         if nonexact:
             out.append("  first declarations that were non-exact only: " + score(nonexact))
