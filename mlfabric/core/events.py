@@ -49,3 +49,31 @@ class LookupDone(Event):
 @dataclass(frozen=True, slots=True)
 class Left(Event):
     """This node finished its graceful leave."""
+
+
+# failure detection (core/failure.py)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDied(Event):
+    """This node declared ``peer`` dead. ``pred`` is the predecessor of ``peer`` it used for the
+    holder estimate (``exact``: known from its own successor list, not guessed)."""
+
+    peer: Peer
+    incarnation: int
+    pred: Peer | None
+    exact: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPurged(Event):
+    """A failure notice made this node drop ``peer`` from its routing state."""
+
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class Refuted(Event):
+    """This node was declared dead and answered with a higher incarnation."""
+
+    incarnation: int

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 
 from mlfabric.config import FailureConfig
 from mlfabric.core.chord import ChordMachine
-from mlfabric.core.events import Event
+from mlfabric.core.events import Event, PeerDied, PeerPurged, Refuted
 from mlfabric.core.ring import BITS, MASK, SIZE, distance
 from mlfabric.wire.messages import (
     NOTICE_BACKWARD,
@@ -85,34 +85,6 @@ def holder_intervals(dead: int, pred: int) -> list[tuple[int, int]]:
 def in_interval(x: int, start: int, end: int) -> bool:
     """x in [start, end] clockwise (inclusive at both ends)."""
     return distance(start, x) <= distance(start, end)
-
-
-# ------------------------------------------------------------------------------------ events
-
-
-@dataclass(frozen=True, slots=True)
-class PeerDied(Event):
-    """This node declared ``peer`` dead. ``pred`` is the predecessor of ``peer`` it used for the
-    holder estimate (``exact``: known from its own successor list, not guessed)."""
-
-    peer: Peer
-    incarnation: int
-    pred: Peer | None
-    exact: bool
-
-
-@dataclass(frozen=True, slots=True)
-class PeerPurged(Event):
-    """A failure notice made this node drop ``peer`` from its routing state."""
-
-    peer: Peer
-
-
-@dataclass(frozen=True, slots=True)
-class Refuted(Event):
-    """This node was declared dead and answered with a higher incarnation."""
-
-    incarnation: int
 
 
 # ------------------------------------------------------------------------------------ machine

@@ -27,8 +27,17 @@ from typing import Any, TextIO
 
 from mlfabric import __version__
 from mlfabric.config import Settings, parse_address
-from mlfabric.core.events import Event, Joined, Left, PeerUnresponsive, PredecessorChanged, SuccessorChanged
-from mlfabric.core.failure import PeerDied, PeerPurged, Refuted
+from mlfabric.core.events import (
+    Event,
+    Joined,
+    Left,
+    PeerDied,
+    PeerPurged,
+    PeerUnresponsive,
+    PredecessorChanged,
+    Refuted,
+    SuccessorChanged,
+)
 from mlfabric.core.node import NodeCore
 from mlfabric.core.ring import BITS, ring_id
 from mlfabric.errors import ConfigError
