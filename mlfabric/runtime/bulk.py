@@ -4,7 +4,7 @@ Same listening port as the control lane; the dialler's first byte is ``b"B"`` (s
 After the usual handshake (the listener reads nothing else until the dialler's AuthProof verifies),
 each blob is
 
-    u32 big-endian header length | msgpack header (wire/blob.py: [name, dtype, shape, nbytes]) | nbytes raw bytes
+    u32 big-endian header length | msgpack header (wire/blob.py: [name, dtype, shape, nbytes(, meta)]) | nbytes raw bytes
 
 and the receiver answers each whole blob with one ``ACK`` byte, so :meth:`BulkLane.send` returns
 only once the peer holds the data. The receiver validates the header (size bounded by
@@ -58,7 +58,7 @@ BlobHandler = Callable[[Peer, str, TensorBlob], None]
 Allocator = Callable[[Peer, str, str, tuple[int, ...], int], "bytearray | memoryview | mmap.mmap | None"]
 
 ACK: Final = b"\x06"
-MAX_HEADER: Final = 4096  # name (<= 256 chars) + dtype + 8 dims: a few hundred bytes at most
+MAX_HEADER: Final = 4096  # name (<= 256 chars) + dtype + 8 dims + meta (<= 3072 bytes): ~3.5 KiB at most
 CHUNK: Final = 1 << 20  # sender slice; the socket buffer's high-water mark bounds what is queued
 HIGH_WATER: Final = 4 << 20
 POPULATE_MIN: Final = 1 << 20
@@ -97,7 +97,7 @@ class _BulkReceiver(asyncio.BufferedProtocol):
         self._view = memoryview(self._small)
         self._pos = 0
         self._phase = _HS_LEN
-        self._header: tuple[str, str, tuple[int, ...]] | None = None
+        self._header: tuple[str, str, tuple[int, ...], bytes] | None = None
         self._payload: bytearray | memoryview | mmap.mmap | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -172,8 +172,8 @@ class _BulkReceiver(asyncio.BufferedProtocol):
         elif phase == _HDR_LEN:
             self._expect(bytearray(self._length(MAX_HEADER, "tensor header")), _HDR_BODY)
         elif phase == _HDR_BODY:
-            name, dtype, shape, nbytes = unpack_header(bytes(self._view), self.owner.cfg.max_bulk_bytes)
-            self._header = (name, dtype, shape)
+            name, dtype, shape, nbytes, meta = unpack_header(bytes(self._view), self.owner.cfg.max_bulk_bytes)
+            self._header = (name, dtype, shape, meta)
             if nbytes == 0:
                 self._deliver(bytearray())
                 return
@@ -187,10 +187,10 @@ class _BulkReceiver(asyncio.BufferedProtocol):
 
     def _deliver(self, payload: bytearray | memoryview | mmap.mmap) -> None:
         assert self._header is not None and self.peer is not None
-        name, dtype, shape = self._header
+        name, dtype, shape, meta = self._header
         self._header = None
         self._expect(self._small, _HDR_LEN)
-        blob = TensorBlob(dtype=dtype, shape=shape, data=memoryview(payload))
+        blob = TensorBlob(dtype=dtype, shape=shape, data=memoryview(payload), meta=meta)
         counters = self.owner.counters
         counters["bulk_in"] += 1
         counters["bulk_bytes_in"] += len(payload)
@@ -374,6 +374,8 @@ class BulkLane:
     async def send(self, address: str, name: str, blob: TensorBlob, *, timeout: float | None = None) -> None:
         """Send ``blob`` to ``address``; returns once the peer has received all of it.
 
+        ``blob.meta`` travels in the header; the receiver's delivered blob carries the same bytes.
+
         Raises :class:`TransportError` when the peer cannot be reached or the connection is lost, and
         ``TimeoutError`` after ``timeout`` seconds. ``blob.data`` must not change until this returns.
         """
@@ -382,6 +384,8 @@ class BulkLane:
         if self.owner.closing or self.owner.me is None:
             raise TransportError("transport is closed")
         header = pack_header(name, blob)
+        if len(header) > MAX_HEADER:
+            raise LocalProtocolError(f"tensor header of {len(header)} bytes exceeds {MAX_HEADER}")
         data = memoryview(blob.data).cast("B")
         lock = self._locks.setdefault(address, asyncio.Lock())
         async with asyncio.timeout(timeout), lock:

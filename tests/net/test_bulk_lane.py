@@ -94,3 +94,47 @@ async def test_payload_can_land_in_a_buffer_the_receiver_provides(daemon_factory
         _, _, got = await b.transport.bulk.received.get()
     assert got.data.obj is target and bytes(target) == payload
     assert seen == [(a.node_id, "into-target", "float32", (1000,), 4000)]
+
+
+async def test_meta_travels_with_the_blob(daemon_factory) -> None:
+    a = await daemon_factory()
+    b = await daemon_factory()
+    target = bytearray(4 * 256)
+    b.transport.bulk.allocate = lambda src, name, dtype, shape, nbytes: target if name == "in-place" else None
+    meta = bytes(range(256)) * 12  # MAX_META bytes: a contributor bitmap and a weight, say
+    payload = random.Random(7).randbytes(4 * 256)
+    async with asyncio.timeout(10):
+        await a.transport.bulk.send(b.address, "in-place", TensorBlob("float32", (256,), payload, meta=meta))
+        await a.transport.bulk.send(b.address, "plain", TensorBlob("uint8", (2,), b"ok"))
+        await a.transport.bulk.send(b.address, "meta-only", TensorBlob("int64", (0,), b"", meta=b"\x01"))
+        got = [await b.transport.bulk.received.get() for _ in range(3)]
+    (_, n0, g0), (_, n1, g1), (_, n2, g2) = got
+    assert (n0, g0.meta, g0.data.obj, bytes(target)) == ("in-place", meta, target, payload)
+    assert (n1, g1.meta, bytes(g1.data)) == ("plain", b"", b"ok")
+    assert (n2, g2.meta, g2.nbytes) == ("meta-only", b"\x01", 0)
+    assert a.transport.counters["connections_out"] == 1
+
+
+@pytest.mark.parametrize("bad_meta", [b"m" * 3073, "not-bytes", 42])
+async def test_oversize_or_ill_typed_meta_drops_the_connection(daemon_factory, monkeypatch, caplog, bad_meta) -> None:
+    import msgpack
+
+    from mlfabric.runtime import bulk
+
+    a = await daemon_factory()
+    b = await daemon_factory()
+    caplog.set_level(logging.WARNING, logger="mlfabric.runtime.transport")
+    # a buggy or hostile sender: its header's fifth element is not a bounded bytes string
+    monkeypatch.setattr(bulk, "pack_header", lambda name, blob: msgpack.packb(
+        [name, blob.dtype, list(blob.shape), blob.nbytes, bad_meta], use_bin_type=True))
+    with pytest.raises(TransportError, match="lost"):
+        async with asyncio.timeout(10):
+            await a.transport.bulk.send(b.address, "w", TensorBlob("uint8", (4,), b"abcd"))
+    assert b.transport.counters["bad_frames"] == 1
+    assert b.transport.bulk.received.empty()
+    assert any("tensor header" in r.getMessage() or "meta" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+    async with asyncio.timeout(10):  # the node keeps serving on a new connection
+        await a.transport.bulk.send(b.address, "ok", TensorBlob("uint8", (1,), b"x", meta=b"m"))
+        _, name, got = await b.transport.bulk.received.get()
+    assert (name, got.meta) == ("ok", b"m")

@@ -13,6 +13,7 @@ from mlfabric.errors import RemoteProtocolError
 from mlfabric.wire.blob import (
     ITEMSIZE,
     MAX_DIMS,
+    MAX_META,
     MAX_NAME,
     TensorBlob,
     expected_nbytes,
@@ -30,7 +31,7 @@ def test_valid_blob_round_trips_its_header(dtype: str, shape: tuple[int, ...]) -
     nbytes = ITEMSIZE[dtype] * math.prod(shape)
     blob = TensorBlob(dtype=dtype, shape=shape, data=bytes(nbytes))
     assert blob.nbytes == nbytes == expected_nbytes(dtype, shape)
-    assert unpack_header(pack_header("layer.weight", blob), LIMIT) == ("layer.weight", dtype, shape, nbytes)
+    assert unpack_header(pack_header("layer.weight", blob), LIMIT) == ("layer.weight", dtype, shape, nbytes, b"")
 
 
 def test_blob_accepts_a_memoryview_without_copying() -> None:
@@ -95,7 +96,13 @@ def _header(*fields: Any) -> bytes:
         pytest.param(b"", id="empty"),
         pytest.param(b"\xc1", id="reserved-byte"),
         pytest.param(_header("w", "float32", [1]), id="three-fields"),
-        pytest.param(_header("w", "float32", [1], 4, "extra"), id="five-fields"),
+        pytest.param(_header("w", "float32", [1], 4, "extra"), id="meta-is-str"),
+        pytest.param(_header("w", "float32", [1], 4, 7), id="meta-is-int"),
+        pytest.param(_header("w", "float32", [1], 4, None), id="meta-is-nil"),
+        pytest.param(_header("w", "float32", [1], 4, [b"x"]), id="meta-is-list"),
+        pytest.param(_header("w", "float32", [1], 4, b"m" * (MAX_META + 1)), id="meta-too-long"),
+        pytest.param(_header("w", "float32", [1], 4, b"", b""), id="six-fields"),
+        pytest.param(_header("w", "float32", [b"\x01"], 4, b""), id="bin-in-shape-with-meta"),
         pytest.param(msgpack.packb({"name": "w"}), id="map"),
         pytest.param(msgpack.packb("w"), id="string"),
         pytest.param(_header(1, "float32", [1], 4), id="name-not-str"),
@@ -129,3 +136,31 @@ def test_header_at_the_byte_limit() -> None:
 def test_longest_name_is_accepted() -> None:
     blob = TensorBlob(dtype="uint8", shape=(1,), data=b"\x00")
     assert unpack_header(pack_header("n" * MAX_NAME, blob), LIMIT)[0] == "n" * MAX_NAME
+
+
+@pytest.mark.parametrize("meta", [b"", b"\x00", bytes(range(256)), b"w" * MAX_META])
+def test_meta_round_trips_in_the_header(meta: bytes) -> None:
+    blob = TensorBlob(dtype="float32", shape=(2,), data=bytes(8), meta=meta)
+    assert unpack_header(pack_header("agg/0", blob), LIMIT) == ("agg/0", "float32", (2,), 8, meta)
+
+
+def test_header_without_meta_keeps_the_four_field_layout() -> None:
+    # an older peer sends (and expects) four fields; an empty meta is left out so both ways still work
+    blob = TensorBlob(dtype="uint8", shape=(1,), data=b"\x00")
+    assert msgpack.unpackb(pack_header("x", blob)) == ["x", "uint8", [1], 1]
+    assert unpack_header(_header("x", "uint8", [1], 1), LIMIT)[4] == b""
+
+
+def test_longest_name_with_longest_meta_fits_the_bulk_header_limit() -> None:
+    from mlfabric.runtime.bulk import MAX_HEADER
+
+    # the largest valid header (built by hand: no data could back this shape)
+    buf = _header("n" * MAX_NAME, "bfloat16", [1 << 40] * MAX_DIMS, 1 << 62, b"m" * MAX_META)
+    assert len(buf) <= MAX_HEADER
+
+
+@pytest.mark.parametrize(("meta", "match"), [(b"m" * (MAX_META + 1), "exceeds limit"), ("text", "must be bytes"),
+                                             (bytearray(b"x"), "must be bytes"), (None, "must be bytes")])
+def test_blob_with_bad_meta_cannot_be_built(meta: Any, match: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=match):
+        TensorBlob(dtype="uint8", shape=(1,), data=b"\x00", meta=meta)
