@@ -44,6 +44,7 @@ from mlfabric.errors import ConfigError
 from mlfabric.runtime.bulk import BlobHandler
 from mlfabric.runtime.control import ControlServer, Response
 from mlfabric.runtime.driver import NodeDriver
+from mlfabric.runtime.systemd import SystemdNotifier, notify_lifecycle
 from mlfabric.runtime.transport import Transport
 from mlfabric.wire.messages import Peer
 
@@ -276,16 +277,26 @@ class Daemon:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
                 installed.append(sig)
+        notifier = SystemdNotifier.from_environ()  # no-op without NOTIFY_SOCKET; see runtime/systemd.py
+        notify_task: asyncio.Task[None] | None = None
         try:
             out = announce or sys.stdout
             print(f"mlfabric node {self.node_id:016x} listening on {self.address} control {self.control_address}",
                   file=out, flush=True)
+            if notifier.enabled:
+                notify_task = loop.create_task(notify_lifecycle(self, notifier), name="systemd-notify")
             assert self._stop_requested is not None
             await self._stop_requested.wait()
         finally:
+            if notify_task is not None:
+                notify_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await notify_task
+            notifier.stopping()
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await self.stop()
+            notifier.close()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         logger.info("received %s: leaving the ring", sig.name)
