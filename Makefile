@@ -10,7 +10,8 @@
 # the local CPU build; a bare "torch" requirement would pull a multi-GB CUDA build), then the project
 # with its dev extras, pinning torch again so pip can never resolve another one. A stamp file inside
 # .venv records a finished install, so a second run installs nothing. Debian packages the tests need
-# (iproute2, iptables for the network-namespace tests) are installed when missing, as root only.
+# (iproute2, iptables for the network-namespace tests; systemd for `systemd-analyze verify` of the unit in
+# deploy/systemd, it does not become PID 1) are installed when missing, as root only.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -22,7 +23,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.mlfabric-installed
-DEB_PACKAGES := iproute2 iptables
+DEB_PACKAGES := iproute2 iptables systemd
 PYTEST_ARGS ?=
 BENCH_NODES ?= 2000
 BENCH_LOOKUPS ?= 5000
