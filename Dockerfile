@@ -75,9 +75,9 @@ EXPOSE 7700/tcp 7701/tcp
 
 # `mlfabric status` finds the control endpoint in $MLFABRIC_DATA_DIR/control (the address the node
 # bound), so it follows MLFABRIC_CONTROL when that is changed. It exits 1 when the node does not answer
-# and 2 when no node has written that file yet; Docker reserves 2, hence the shell form and "|| exit 1".
+# and 2 when no node has written that file yet; Docker reserves 2, hence "|| exit 1".
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
-    CMD mlfabric status --timeout 4 || exit 1
+    CMD ["/bin/sh", "-c", "mlfabric status --timeout 4 || exit 1"]
 
 # SIGTERM (docker stop) makes the node leave the ring gracefully; give it `docker stop -t 30`.
 STOPSIGNAL SIGTERM
