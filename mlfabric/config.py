@@ -81,6 +81,17 @@ class FailureConfig(BaseModel):
                             "are dropped and hearsay about the dead node is ignored (direct contact clears it).")
     stall_threshold: float = Field(2.0, gt=0, description="A timer that fires this many seconds late means this "
                                    "process was stalled: its own probe timeouts are then not held against peers.")
+    merge_interval: float = Field(10.0, gt=0, description="Seconds (jittered uniformly in [0.5, 1.5] x) between "
+                                  "two merge probes of this node: each sends one Ping to the least recently probed "
+                                  "entry of its passive list (peers it declared dead or saw leave, plus its seeds). "
+                                  "A reply from a peer outside our ring starts a ring merge (Shafaat et al. 2009), so "
+                                  "after a partition heals the first merge starts within about merge_interval / "
+                                  "(nodes holding a live candidate); cost: one probe per node per merge_interval.")
+    merge_candidates: int = Field(16, ge=0, le=1024, description="Bound of the passive list (peers declared dead or "
+                                  "departed, kept as merge candidates); when full a random entry makes room. "
+                                  "0 disables merge probing.")
+    merge_ttl: float = Field(3600.0, gt=0, description="Seconds a dead or departed peer stays a merge candidate: a "
+                             "partition that lasts longer is healed only through the configured seeds.")
 
     @model_validator(mode="after")
     def _timeouts_fit(self) -> Self:
@@ -207,6 +218,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "notice_timeout": 0.15,
             "refresh_interval": 2.0,
             "dead_ttl": 5.0,
+            "merge_interval": 1.0,
+            "merge_ttl": 300.0,
         },
         "transport": {"connect_timeout": 1.0, "handshake_timeout": 1.0},
     },
@@ -228,6 +241,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "refresh_interval": 30.0,
             "dead_ttl": 180.0,
             "stall_threshold": 6.0,
+            "merge_interval": 30.0,
         },
         "transport": {"connect_timeout": 10.0, "handshake_timeout": 10.0},
     },

@@ -44,7 +44,8 @@ from mlfabric.wire.messages import (
 )
 
 # Lookup purposes
-USER, FINGER, JOIN = 0, 1, 2
+USER, FINGER, JOIN, MERGE = 0, 1, 2, 3
+MAX_MERGES = 2  # ring-merge lookups in flight at once (merge_with)
 
 
 @dataclass(slots=True)
@@ -60,6 +61,7 @@ class _Lookup:
     finger: int = 0
     seeds: list[str] = field(default_factory=list)
     restarts: int = 0
+    merge_peer: Peer | None = None
 
 
 @dataclass(slots=True)
@@ -119,7 +121,10 @@ class ChordMachine:
             "rpc_timeouts": 0,
             "stabilize_rounds": 0,
             "successor_changes": 0,
+            "merges_started": 0,
+            "merge_hints": 0,
         }
+        self._merging = 0
 
     # ------------------------------------------------------------------ public API
 
@@ -142,6 +147,36 @@ class ChordMachine:
     def lookup(self, key: int, now: float) -> int:
         """Start a lookup of successor(key); a LookupDone event with the returned token follows."""
         return self._start_lookup(key & MASK, USER, now)
+
+    def in_routing_state(self, node_id: int) -> bool:
+        """Whether ``node_id`` is our predecessor, in our successor list or one of our fingers."""
+        if self.predecessor is not None and self.predecessor.id == node_id:
+            return True
+        return any(p.id == node_id for p in self._routing()[1])
+
+    def merge_with(self, peer: Peer, now: float) -> bool:
+        """``peer`` answered us although we had given it up (a merge probe, or it spoke first): if it
+        belongs to another ring, start joining the two (ring unification, Shafaat et al. 2009, §5).
+
+        Look ``peer.id`` up in our ring. The answer s = successor(peer.id) in our ring is ``peer``
+        itself when it is one of us already (nothing to do). Otherwise s and pred(s) (asked with
+        GetNeighbors) are the two nodes of our ring that ``peer`` falls between: ``peer`` is hinted
+        to pred(s) as a successor and s to ``peer``; each side adopts the hint only if it is closer
+        than its own successor, and stabilize (which re-runs at once after a hint) then zips the two
+        rings together from that point, both rings' nodes walking back along the other ring.
+        The other ring does the same when its nodes reach ours, so zips start at many points. False
+        when no merge lookup was started."""
+        if not self.joined or self.leaving or peer.id == self.me.id or self.is_dead(peer.id):
+            return False
+        if self.in_routing_state(peer.id) or self._merging >= MAX_MERGES:
+            return False
+        if not self.successors or in_open(peer.id, self.me.id, self.successor.id):
+            self._on_hint(peer, now)  # it falls right after us: adopt it (stabilize checks it at once)
+            return True
+        self.counters["merges_started"] += 1
+        self._merging += 1
+        self._start_lookup(peer.id, MERGE, now, merge_peer=peer)
+        return True
 
     def leave(self, now: float) -> None:
         """Graceful leave: hand predecessor and successors to the neighbours, then go quiet."""
@@ -366,10 +401,11 @@ class ChordMachine:
 
     # ------------------------------------------------------------------ lookups
 
-    def _start_lookup(self, key: int, purpose: int, now: float, finger: int = 0) -> int:
+    def _start_lookup(self, key: int, purpose: int, now: float, finger: int = 0,
+                      merge_peer: Peer | None = None) -> int:
         token = self._next_token
         self._next_token += 1
-        lk = _Lookup(token=token, key=key, purpose=purpose, started_at=now, finger=finger)
+        lk = _Lookup(token=token, key=key, purpose=purpose, started_at=now, finger=finger, merge_peer=merge_peer)
         self._lookups[token] = lk
         if purpose == USER:
             self.counters["lookups_started"] += 1
@@ -472,6 +508,10 @@ class ChordMachine:
             self._finger_lookup = None
             if node is not None and not self.leaving:
                 self._on_finger_found(lk.finger, node)
+        elif lk.purpose == MERGE:
+            self._merging -= 1
+            if node is not None and lk.merge_peer is not None and not self.leaving:
+                self._merge_found(lk.merge_peer, node, now)
         elif lk.purpose == JOIN:
             if node is None or node.id == self.me.id and len(successors) <= 1:
                 self._join_at = now + self.cfg.join_retry_interval
@@ -481,6 +521,34 @@ class ChordMachine:
             self._arm_periodic(now)
             self._stabilize_at = now  # learn the successor's list and notify it at once
             self._events.append(Joined(self.successor))
+
+    def _merge_found(self, peer: Peer, succ: Peer, now: float) -> None:
+        """The merge lookup for ``peer`` ended at ``succ`` = successor(peer.id) in our ring."""
+        if succ.id == peer.id:
+            return  # it is in our ring already: only our routing state had lost it
+        if succ.id == self.me.id:
+            pred = self.predecessor
+            self.counters["merge_hints"] += 1
+            self._send(peer.address, SuccessorHint(candidate=self.me))
+            if pred is not None and pred.id != peer.id:
+                self._send(pred.address, SuccessorHint(candidate=peer))
+            return
+        self.counters["merge_hints"] += 1
+        self._send(peer.address, SuccessorHint(candidate=succ))
+
+        def on_reply(src: Peer, msg: Message, t: float) -> None:
+            p = msg.predecessor
+            if p is None or p.id == peer.id:
+                return
+            if p.id == self.me.id:
+                self._on_hint(peer, t)
+            else:
+                self._send(p.address, SuccessorHint(candidate=peer))
+
+        def on_timeout(t: float) -> None:
+            self._unresponsive(succ, t)
+
+        self._request(succ.address, succ, lambda req: GetNeighbors(req=req), on_reply, on_timeout, now, Neighbors)
 
     # ------------------------------------------------------------------ serving
 
@@ -540,7 +608,12 @@ class ChordMachine:
             self._set_successors([src])
 
     def _on_hint(self, cand: Peer, now: float) -> None:
-        if not self.joined or cand.id == self.me.id or self.is_dead(cand.id):
+        if not self.joined or cand.id == self.me.id:
+            return
+        if self.is_dead(cand.id):
+            # someone in touch with it says it is there (after a partition heals, say): check it; if it
+            # answers, the detector lifts the mark and offers it to merge_with
+            self.on_dead_hearsay(cand)
             return
         if not self.successors or in_open(cand.id, self.me.id, self.successor.id):
             self._set_successors([cand, *self.successors])

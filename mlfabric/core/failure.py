@@ -25,11 +25,21 @@ Propagation, three schemes (``FailureConfig.scheme``):
   f's set and notifies every holder directly.
 * ``stabilize``: no propagation; every routing entry is probed every ``near_interval``.
 
+Partition merge (Shafaat et al., "Dealing with network partitions in structured overlay networks",
+2009): a partition longer than the failure timeout makes each side declare the other dead, leaving
+two rings that stabilize alone never joins. So every node keeps a bounded *passive list*
+(``merge_candidates``) of the peers it declared dead or saw leave (kept ``merge_ttl``) and, every
+``merge_interval`` (jittered), sends one Ping to its least recently probed entry or configured seed.
+A dead one stays silent. Any message straight from a passive peer (its Pong, or its own probe of
+us) lifts the death mark (``observe``) and hands the peer to :meth:`ChordMachine.merge_with`, which
+finds where it falls in our ring and hints both sides; stabilize zips the rings from there.
+
 Must not import asyncio, socket, time, threading or torch.
 """
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -140,6 +150,13 @@ class FailureDetector:
         self._holders_changed = False
         self._housekeep_at: float | None = None
         self._forwards: dict[int, _Forward] = {}  # seq -> notice awaiting the next hop's ack
+        # partition merge: passive list id -> [peer, forget_at, last probed at]; seeds' last probes
+        self._passive: dict[int, list] = {}
+        self._seed_probed: dict[str, float] = {}  # seed address -> last probe; an answer defers it merge_ttl
+        self._merge_probes: dict[int, tuple[str, float]] = {}  # seq -> (address, forget_at)
+        self._merge_at: float | None = None
+        # its own stream, seeded from the node id, so that merge jitter leaves the overlay's draws as they were
+        self._merge_rng = random.Random(chord.me.id)
         self.counters: dict[str, int] = {
             "probes_sent": 0,
             "acks_received": 0,
@@ -154,6 +171,8 @@ class FailureDetector:
             "refutations": 0,
             "stalls": 0,
             "departures": 0,
+            "merge_probes": 0,
+            "merge_contacts": 0,
         }
         chord.is_dead = self.is_dead
         chord.on_dead_hearsay = self._recheck
@@ -179,16 +198,20 @@ class FailureDetector:
         if self.cfg.scheme == "stateful":
             self._refresh_at = now + self.cfg.refresh_interval * self.chord._rng.random()
         self._housekeep_at = now + self.cfg.dead_ttl
+        if self.cfg.merge_candidates > 0:
+            self._merge_at = now + self.cfg.merge_interval * self._merge_rng.random()
 
     def stop(self) -> None:
-        self._near_at = self._far_at = self._refresh_at = self._housekeep_at = None
+        self._near_at = self._far_at = self._refresh_at = self._housekeep_at = self._merge_at = None
+        self._merge_probes.clear()
         self._checks.clear()
         self._seq_to_target.clear()
         self._helping.clear()
         self._forwards.clear()
 
     def next_deadline(self) -> float | None:
-        times = [t for t in (self._near_at, self._far_at, self._refresh_at, self._housekeep_at) if t is not None]
+        times = [t for t in (self._near_at, self._far_at, self._refresh_at, self._housekeep_at, self._merge_at)
+                 if t is not None]
         if self._checks:
             times.append(min(c.deadline_at for c in self._checks.values()))
         if self._helping:
@@ -230,6 +253,9 @@ class FailureDetector:
         if self._housekeep_at is not None and self._housekeep_at <= now:
             self._housekeep_at = now + min(self.cfg.dead_ttl, 10 * self.cfg.near_interval)
             self._housekeep(now)
+        if self._merge_at is not None and self._merge_at <= now:
+            self._merge_at = now + self.cfg.merge_interval * (0.5 + self._merge_rng.random())
+            self._probe_passive(now)
 
     def _on_stall(self, now: float) -> None:
         """Our own timers fired far too late: we were stalled (SIGSTOP, swap, a long GC), not the
@@ -382,6 +408,9 @@ class FailureDetector:
             return
         if src.id in self._dead:
             del self._dead[src.id]
+        if src.id in self._passive:
+            del self._passive[src.id]
+            self._contact(src, now)
         check = self._checks.get(src.id)
         if check is not None and check.target.address == src.address:
             check.heard = True
@@ -394,6 +423,15 @@ class FailureDetector:
         match msg:
             case Ping(seq=seq):
                 self._send(src.address, Pong(seq=seq, incarnation=self.incarnation))
+            case Pong(seq=seq, incarnation=inc) if seq in self._merge_probes:
+                address, _ = self._merge_probes.pop(seq)
+                if address == src.address:
+                    self._alive(src, inc)
+                    self._contact(src, now)
+                    if address in self._seed_probed:
+                        # a seed answered: it is in our ring, or the merge with its ring starts now; within
+                        # merge_ttl the passive lists find partitions, later the seeds are the fallback
+                        self._seed_probed[address] = now + self.cfg.merge_ttl
             case Pong(seq=seq, incarnation=inc):
                 helped = self._helping.pop(seq, None)
                 # a Pong from another address must not use up the seq: the probed node's own Pong still counts
@@ -542,6 +580,7 @@ class FailureDetector:
         if len(self._dead) > _MAX_REMEMBERED:
             self._housekeep(now)
         self._dead[peer.id] = (inc, now + self.cfg.dead_ttl)
+        self._remember_passive(peer, now)
         self._clear_check(peer.id)
         self._backpointers.pop(peer.id, None)
         self._registered.discard(peer.id)
@@ -670,7 +709,67 @@ class FailureDetector:
 
     # ------------------------------------------------------------------ housekeeping
 
+    # ------------------------------------------------------------------ partition merge
+
+    def passive(self) -> list[Peer]:
+        """The merge candidates: peers declared dead or departed within merge_ttl."""
+        return [entry[0] for entry in self._passive.values()]
+
+    def _remember_passive(self, peer: Peer, now: float) -> None:
+        cap = self.cfg.merge_candidates
+        if cap <= 0:
+            return
+        entry = self._passive.get(peer.id)
+        if entry is not None:
+            entry[0], entry[1] = peer, now + self.cfg.merge_ttl
+            return
+        if len(self._passive) >= cap:
+            # a random victim (not the oldest): after a partition the list then holds a spread of the
+            # other side rather than only the last nodes declared
+            victims = sorted(self._passive)
+            del self._passive[victims[self._merge_rng.randrange(len(victims))]]
+        # never probed yet: ``now`` as its last probe puts it behind entries already waiting
+        self._passive[peer.id] = [peer, now + self.cfg.merge_ttl, now]
+
+    def _probe_passive(self, now: float) -> None:
+        """One Ping to the least recently probed passive entry or seed (O(1) per node per interval)."""
+        if self._merge_probes:
+            self._merge_probes = {k: v for k, v in self._merge_probes.items() if v[1] > now}
+        chord = self.chord
+        best: tuple[float, int, str] | None = None
+        for nid, (peer, forget_at, probed_at) in list(self._passive.items()):
+            if chord.in_routing_state(nid):
+                del self._passive[nid]  # back in our routing state (hearsay, after its mark expired)
+            elif forget_at > now and (best is None or probed_at < best[0]):
+                best = (probed_at, nid, peer.address)
+        in_touch = {p.address for p in self._all_entries()}
+        for address in chord._seeds:
+            if address == self.me.address or address in in_touch:
+                continue  # a seed we route through is in our ring: no need to probe it
+            probed_at = self._seed_probed.get(address, -1.0)
+            if probed_at > now:
+                continue  # it answered (and was merged or found in our ring) less than merge_ttl ago
+            if best is None or probed_at < best[0]:
+                best = (probed_at, -1, address)
+        if best is None:
+            return
+        _, nid, address = best
+        if nid >= 0:
+            self._passive[nid][2] = now
+        else:
+            self._seed_probed[address] = now
+        seq = self._new_seq()
+        self._merge_probes[seq] = (address, now + 4 * self.cfg.merge_interval)
+        self.counters["merge_probes"] += 1
+        self._send(address, Ping(seq=seq, incarnation=self.incarnation))
+
+    def _contact(self, peer: Peer, now: float) -> None:
+        """A merge candidate reached us: if it is outside our ring, merge the rings."""
+        if self.chord.merge_with(peer, now):
+            self.counters["merge_contacts"] += 1
+
     def _housekeep(self, now: float) -> None:
+        self._passive = {k: v for k, v in self._passive.items() if v[1] > now}
         self._dead = {k: v for k, v in self._dead.items() if v[1] > now}
         self._seen = {k: v for k, v in self._seen.items() if v > now}
         self._backpointers = {k: v for k, v in self._backpointers.items() if v[1] > now}
