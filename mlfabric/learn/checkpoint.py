@@ -6,12 +6,14 @@ pickle (running code from a file), so the format is our own, in the spirit of sa
 
     magic        8 bytes   b"MLFCKPT1"
     header_len   u64 little-endian, the JSON header's length in bytes (padded with spaces to 8)
-    header       UTF-8 JSON: {"meta": {...}, "tensors": [{"name", "dtype", "shape", "offset", "nbytes"}, ...]}
+    header       UTF-8 JSON: {"meta": {...}, "tensors": [{"name", "dtype", "shape", "offset", "nbytes"}, ...],
+                 "blake2b": hex digest (16 bytes) of the whole data section}
     data         raw little-endian tensor bytes; offsets relative to the data start, 8-aligned
 
 The reader checks the magic, the header size, every field's type, the dtype against a whitelist,
 nbytes == prod(shape) * itemsize, that the ranges lie in the file, are aligned and do not overlap,
-and that the file ends where the last tensor does (truncated or padded files are refused).
+that the file ends where the last tensor does (truncated or padded files are refused), and the
+data's blake2b digest (so flipped bits in the tensors are caught, not loaded as weights).
 
 Writing: a temp file in the same directory, write, flush, fsync, rename over the target, fsync the
 directory (POSIX rename is atomic; the directory fsync makes the rename durable). If anything fails
@@ -21,6 +23,7 @@ Imports torch; only ``learn/`` may.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -40,6 +43,7 @@ __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 MAGIC = b"MLFCKPT1"
 _PREFIX = len(MAGIC) + 8
 _ALIGN = 8
+_DIGEST = 16
 MAX_HEADER_BYTES = 64 << 20
 MAX_DIMS = 8
 
@@ -96,19 +100,28 @@ def save_checkpoint(path: str | os.PathLike[str], tensors: Mapping[str, torch.Te
         )
         prepared.append(t)
         offset += nbytes + _pad(nbytes)
+
+    def header_bytes(digest: str) -> bytes:
+        head = {"meta": dict(meta), "tensors": entries, "blake2b": digest}
+        raw = json.dumps(head, allow_nan=False, separators=(",", ":")).encode()
+        return raw + b" " * _pad(len(raw))
+
     try:
-        header = json.dumps({"meta": dict(meta), "tensors": entries}, allow_nan=False, separators=(",", ":")).encode()
+        placeholder = header_bytes("0" * 2 * _DIGEST)  # same length as the real digest
     except (TypeError, ValueError) as exc:
         raise ValueError(f"checkpoint metadata is not JSON-able: {exc}") from exc
-    header += b" " * _pad(len(header))
 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + struct.pack("<Q", len(header)) + header)
+            f.write(MAGIC + struct.pack("<Q", len(placeholder)) + placeholder)
+            digest = hashlib.blake2b(digest_size=_DIGEST)
             for entry, t in zip(entries, prepared, strict=True):
-                f.write(_tensor_bytes(t))
-                f.write(b"\x00" * _pad(entry["nbytes"]))
+                for chunk in (_tensor_bytes(t), b"\x00" * _pad(entry["nbytes"])):
+                    digest.update(chunk)
+                    f.write(chunk)
+            f.seek(_PREFIX)
+            f.write(header_bytes(digest.hexdigest()))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -146,11 +159,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         header = json.loads(bytes(buf[_PREFIX : _PREFIX + header_len]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupt header: {exc}") from exc
-    if not isinstance(header, dict) or set(header) != {"meta", "tensors"}:
-        raise CheckpointError(f"{path}: header must be an object with exactly 'meta' and 'tensors'")
-    meta, specs = header["meta"], header["tensors"]
-    if not isinstance(meta, dict) or not isinstance(specs, list):
-        raise CheckpointError(f"{path}: 'meta' must be an object and 'tensors' a list")
+    if not isinstance(header, dict) or set(header) != {"meta", "tensors", "blake2b"}:
+        raise CheckpointError(f"{path}: header must be an object with exactly 'meta', 'tensors' and 'blake2b'")
+    meta, specs, digest = header["meta"], header["tensors"], header["blake2b"]
+    if not isinstance(meta, dict) or not isinstance(specs, list) or not isinstance(digest, str):
+        raise CheckpointError(f"{path}: 'meta' must be an object, 'tensors' a list and 'blake2b' a string")
 
     data_start = _PREFIX + header_len
     data_len = len(buf) - data_start
@@ -170,6 +183,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         raise CheckpointError(
             f"{path}: {data_len} data bytes, expected {expected_offset} (truncated or trailing bytes)"
         )
+    if hashlib.blake2b(memoryview(buf)[data_start:], digest_size=_DIGEST).hexdigest() != digest:
+        raise CheckpointError(f"{path}: data checksum mismatch (the tensor bytes are corrupt)")
     return tensors, meta
 
 
