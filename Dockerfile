@@ -50,7 +50,7 @@ LABEL org.opencontainers.image.title="mlfabric" \
       org.opencontainers.image.description="Peer-to-peer daemon for training neural networks across many servers" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-# -l (no lastlog/faillog entry): a high uid would otherwise grow /var/log/faillog by gigabytes.
+# --no-log-init: no lastlog/faillog entry, which for a high uid would be a huge sparse file in the layer.
 RUN useradd --system --no-log-init --uid 10001 --user-group \
       --home-dir /var/lib/mlfabric --create-home --shell /usr/sbin/nologin mlfabric \
     && chmod 0700 /var/lib/mlfabric
