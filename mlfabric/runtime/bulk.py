@@ -7,7 +7,9 @@ each blob is
     u32 big-endian header length | msgpack header (wire/blob.py: [name, dtype, shape, nbytes(, meta)]) | nbytes raw bytes
 
 and the receiver answers each whole blob with one ``ACK`` byte, so :meth:`BulkLane.send` returns
-only once the peer holds the data. The receiver validates the header (size bounded by
+only once the peer holds the data. Blobs to one address share one connection and are pipelined:
+concurrent sends write one after another without waiting for the previous blob's ACK (a stall of
+one round trip plus the receiver's handler per blob otherwise), and ACKs come back in order. The receiver validates the header (size bounded by
 ``transport.max_bulk_bytes``), allocates one ``bytearray`` of exactly ``nbytes`` and lets the kernel
 write into it through ``get_buffer`` — no msgpack and no copy for the payload. The sender writes the
 caller's buffer in slices (memoryviews, no copy on our side) and respects ``pause_writing``.
@@ -316,12 +318,18 @@ class _BulkSender(asyncio.Protocol):
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
 
-    async def send(self, header: bytes, data: memoryview) -> None:
-        """Write one blob and wait for the receiver's ACK."""
+    async def write_blob(self, header: bytes, data: memoryview) -> asyncio.Future[BaseException | None]:
+        """Write one blob; returns the future of its ACK (None, or the failure that lost the connection).
+
+        Blobs are pipelined: the caller may write the next blob before this one's ACK is back (the
+        receiver answers in order). A write interrupted halfway (cancelled, say by a timeout) would
+        leave the stream mid-blob, so it aborts the connection.
+        """
         loop = self.owner.loop
         ack: asyncio.Future[BaseException | None] = loop.create_future()
         self._acks.append(ack)
         self.sending = True
+        whole = False
         try:
             self._write(len(header).to_bytes(HEADER, "big") + header)
             for start in range(0, len(data), CHUNK):
@@ -331,11 +339,13 @@ class _BulkSender(asyncio.Protocol):
                 if self.state != OPEN:
                     break
                 self._write(data[start : start + CHUNK])
-            failure = await ack
+            whole = True
         finally:
             self.sending = False
-        if failure is not None:
-            raise failure
+            if not whole and self.state == OPEN:
+                logger.info("aborting %s: a blob write was interrupted", self.describe())
+                self.abort()
+        return ack
 
     def _write(self, data: bytes | memoryview) -> None:
         assert self.tcp is not None
@@ -347,7 +357,7 @@ class _BulkSender(asyncio.Protocol):
         return f"outbound bulk connection to {self.address}"
 
     def busy(self) -> bool:
-        return self.sending or (self.tcp is not None and self.tcp.get_write_buffer_size() > 0)
+        return self.sending or bool(self._acks) or (self.tcp is not None and self.tcp.get_write_buffer_size() > 0)
 
     def abort(self) -> None:
         self.state = CLOSED
@@ -388,11 +398,15 @@ class BulkLane:
             raise LocalProtocolError(f"tensor header of {len(header)} bytes exceeds {MAX_HEADER}")
         data = memoryview(blob.data).cast("B")
         lock = self._locks.setdefault(address, asyncio.Lock())
-        async with asyncio.timeout(timeout), lock:
-            sender = self._senders.get(address)
-            if sender is None or sender.state != OPEN:
-                sender = await self._dial(address)
-            await sender.send(header, data)
+        async with asyncio.timeout(timeout):
+            async with lock:  # one writer at a time per connection; ACKs are awaited outside the lock
+                sender = self._senders.get(address)
+                if sender is None or sender.state != OPEN:
+                    sender = await self._dial(address)
+                ack = await sender.write_blob(header, data)
+            failure = await ack
+        if failure is not None:
+            raise failure
         counters = self.owner.counters
         counters["bulk_out"] += 1
         counters["bulk_bytes_out"] += len(data)

@@ -138,3 +138,33 @@ async def test_oversize_or_ill_typed_meta_drops_the_connection(daemon_factory, m
         await a.transport.bulk.send(b.address, "ok", TensorBlob("uint8", (1,), b"x", meta=b"m"))
         _, name, got = await b.transport.bulk.received.get()
     assert (name, got.meta) == ("ok", b"m")
+
+
+async def test_concurrent_sends_to_one_peer_are_pipelined_on_one_connection(daemon_factory) -> None:
+    a = await daemon_factory()
+    b = await daemon_factory()
+    blobs = [TensorBlob("uint8", (1000,), bytes([i]) * 1000, meta=bytes([i])) for i in range(20)]
+    async with asyncio.timeout(10):
+        await asyncio.gather(*(a.transport.bulk.send(b.address, f"b{i}", blob) for i, blob in enumerate(blobs)))
+        got = [await b.transport.bulk.received.get() for _ in blobs]
+    # in order and intact, every ACK matched to its own send
+    assert [(name, bytes(blob.data), blob.meta) for _, name, blob in got] == [
+        (f"b{i}", bytes([i]) * 1000, bytes([i])) for i in range(20)]
+    assert a.transport.counters["connections_out"] == 1 and a.transport.counters["bulk_out"] == 20
+
+
+async def test_a_write_cut_by_a_timeout_aborts_the_connection(daemon_factory) -> None:
+    a = await daemon_factory()
+    b = await daemon_factory()
+    big = TensorBlob("uint8", (256 * MB,), bytes(256 * MB))
+    with pytest.raises(TimeoutError):
+        await a.transport.bulk.send(b.address, "big", big, timeout=0.02)
+    # the half-written blob cannot corrupt the next one: that one goes on a fresh connection
+    async with asyncio.timeout(10):
+        await a.transport.bulk.send(b.address, "next", TensorBlob("uint8", (3,), b"abc"))
+        while True:
+            _, name, got = await b.transport.bulk.received.get()
+            if name == "next":
+                break
+    assert bytes(got.data) == b"abc"
+    assert a.transport.counters["connections_out"] == 2
