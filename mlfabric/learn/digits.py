@@ -137,7 +137,7 @@ class DigitsTask(ClassificationTask):
     """scikit-learn's 8x8 digits, non-IID across nodes; the defaults reach >= 95% with 8 nodes."""
 
     name = "digits"
-    default_rounds = 20
+    default_rounds = 15
     default_local_epochs = 2
     default_lr = 0.05
     default_batch_size = 16
