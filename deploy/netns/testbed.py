@@ -296,6 +296,10 @@ class Testbed:
             with contextlib.suppress(Exception):
                 self._agent.kill()
                 self._agent.wait(5.0)
+            for stream in (self._agent.stdin, self._agent.stdout):
+                with contextlib.suppress(Exception):
+                    if stream is not None:
+                        stream.close()
         procs = [p for p in self._extra if p.poll() is None]
         for p in procs:
             _signal_group(p, signal.SIGTERM)
