@@ -52,9 +52,15 @@ ROUND_TIMEOUT = 60.0
 # ---------------------------------------------------------------------------------------- shared maths
 
 
-def node_id(rank: int) -> int:
-    from mlfabric.core.ring import ring_id
+IDS = {"mode": "hashed"}  # set from --ids in the parent and in every worker
 
+
+def node_id(rank: int, world: int = 4) -> int:
+    """A process's ring id: hashed from its name, as daemons get theirs, or (``--ids even``) evenly spread."""
+    from mlfabric.core.ring import SIZE, ring_id
+
+    if IDS["mode"] == "even":
+        return (rank * SIZE // world + (1 << 60)) % SIZE
     return ring_id(f"bench-node-{rank}")
 
 
@@ -66,7 +72,7 @@ def owners(shards: int, world: int) -> list[int]:
     """Owner rank of each shard: the ring successor of its key among the processes' node ids."""
     from mlfabric.core.ring import successor_of
 
-    ids = [node_id(r) for r in range(world)]
+    ids = [node_id(r, world) for r in range(world)]
     rank_of = {nid: r for r, nid in enumerate(ids)}
     ring = sorted(ids)
     return [rank_of[successor_of(shard_key(i), ring)] for i in range(shards)]
@@ -193,7 +199,7 @@ class MlfabricWorker:
                     buf = allocate_payload((b - a) * 4)
                     self.recv_view[s, r] = memoryview(buf)
                     self.recv[s, r] = torch.frombuffer(buf, dtype=torch.float32)
-        self.rank_of_id = {node_id(r): r for r in range(self.world)}
+        self.rank_of_id = {node_id(r, self.world): r for r in range(self.world)}
         self.round = -1
         self.hellos = 0
         self.timers: dict[str, float] = {}
@@ -215,7 +221,7 @@ class MlfabricWorker:
         self.t.bulk.allocate = self.allocate
         host = f"127.0.0.{self.rank + 1}"
         port = await self.t.bind(host, 0)
-        await self.t.start(Peer(node_id(self.rank), f"{host}:{port}"), lambda src, msg: None, lambda a: None)
+        await self.t.start(Peer(node_id(self.rank, self.world), f"{host}:{port}"), lambda src, msg: None, lambda a: None)
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
         emit({"address": f"{host}:{port}", "pid": os.getpid()})
@@ -434,10 +440,12 @@ class Group:
     async def read_all(self, timeout: float) -> list[dict[str, Any]]:
         async def one(p: asyncio.subprocess.Process) -> dict[str, Any]:
             assert p.stdout is not None
-            line = await p.stdout.readline()
-            if not line:
-                raise RuntimeError(f"{self.kind} worker {p.pid} exited (rc {await p.wait()})")
-            return json.loads(line)
+            while True:
+                line = await p.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"{self.kind} worker {p.pid} exited (rc {await p.wait()})")
+                if line.startswith(b"{"):  # py-spy, when it wraps the worker, talks on the same stdout
+                    return json.loads(line)
 
         async with asyncio.timeout(timeout):
             return list(await asyncio.gather(*(one(p) for p in self.procs)))
@@ -519,7 +527,7 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     size = numel * 4
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
-    out: dict[str, Any] = {"benchmark": "aggregate_round", "procs": world, "numel": numel, "model_bytes": size,
+    out: dict[str, Any] = {"benchmark": "aggregate_round", "procs": world, "ids": args.ids, "sum": args.sum, "numel": numel, "model_bytes": size,
                            "dtype": "float32", "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()}
     out["loopback_one_stream_gbps"] = round(loopback_ceiling(), 2)
     groups: list[Group] = []
@@ -533,7 +541,7 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         results = []
         for shards in args.shards:
             mlf = await Group.spawn("mlfabric", world, ["--numel", str(numel), "--shards", str(shards),
-                                                        "--sum", args.sum], env, args.profile)
+                                                        "--sum", args.sum, "--ids", args.ids], env, args.profile)
             groups.append(mlf)
             addresses = [r["address"] for r in await mlf.read_all(READY_TIMEOUT)]
             await mlf.write_all(json.dumps({"peers": addresses}))
@@ -653,11 +661,14 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--sum", choices=("thread", "inline"), default="thread",
                         help="run each add_ on a summation thread (overlaps receiving) or inline in the event loop")
+    parser.add_argument("--ids", choices=("hashed", "even"), default="hashed",
+                        help="process ring ids: hashed from names (as daemons) or evenly spaced (balanced owners)")
     parser.add_argument("--profile", metavar="DIR", help="run every worker under py-spy record; collapsed stacks go to DIR")
     parser.add_argument("--worker", choices=("gloo", "mlfabric"), help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    IDS["mode"] = args.ids
     if args.worker == "gloo":
         return gloo_worker(args)
     if args.worker == "mlfabric":
