@@ -134,11 +134,11 @@ def federate(task: DigitsTask, seed: int, rounds: int, max_bytes: int = 16 << 10
 def test_federated_digits_reaches_95_percent(one_thread: None) -> None:
     task = DigitsTask(device="cpu")
     assert len(plan_shards(task.build_model(0).state_dict(), 16 << 10)) > 1  # several shards, one split tensor
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: the wall clock depends on what else shares the machine
     accuracy = federate(task, seed=0, rounds=task.default_rounds)
-    elapsed = time.perf_counter() - started
+    cpu_seconds = time.process_time() - started
     assert accuracy[-1] >= 0.95, accuracy
-    assert elapsed < 60, elapsed
+    assert cpu_seconds < 60, cpu_seconds  # about 4 s on one core of the development machine
 
 
 @pytest.mark.slow
