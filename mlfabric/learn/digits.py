@@ -37,7 +37,10 @@ NUM_CLASSES = 10
 
 @cache
 def load_digits_raw() -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1,797 images as uint8 (N, 8, 8) with values 0..16, and labels as int64 (N,). Cached."""
+    """All 1,797 images as uint8 (N, 8, 8) with values 0..16, and labels as int64 (N,).
+
+    Cached and shared by every caller in the process: treat the tensors as read-only.
+    """
     raw = gzip.decompress(resources.files("mlfabric.learn").joinpath("data/digits.bin.gz").read_bytes())
     head = len(MAGIC) + struct.calcsize("<IBB")
     if len(raw) < head or raw[: len(MAGIC)] != MAGIC:
