@@ -12,6 +12,7 @@ import argparse
 import importlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,64 @@ def _cmd_lookup(args: argparse.Namespace) -> int:
     return 0 if code == 200 else 1
 
 
+# -------------------------------------------------------------------- jobs
+
+
+def _cmd_job_submit(args: argparse.Namespace) -> int:
+    from urllib.parse import urlencode
+
+    params = {"job_id": args.job_id or f"{args.task.split(':')[-1]}-{int(time.time())}", "task": args.task,
+              "rounds": args.rounds, "local_epochs": args.local_epochs, "nodes_per_round": args.nodes_per_round,
+              "lr": args.lr, "batch_size": args.batch_size, "seed": args.job_seed, "parents": args.parents}
+    query = urlencode({k: v for k, v in params.items() if v is not None})
+    address = _control_address(args)
+    code, body = _get(address, f"/job/submit?{query}", args.timeout)
+    if code != 200:
+        print(f"mlfabric: job not submitted: {body.get('error', code)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body))
+    else:
+        coord = body["coordinator"]
+        print(f"job {body['job']} submitted; coordinator {coord['id']:016x} at {coord['address']}")
+        print(f"follow it with: mlfabric job status --job {body['job']} --node {address}")
+    return 0
+
+
+def format_job(j: dict[str, Any]) -> str:
+    spec = j.get("spec", {})
+    hist = j.get("history", [])
+    lines = [f"job {j['job']}: {j.get('status', '?')} ({j.get('role')}), task {spec.get('task', '?')}, "
+             f"round {j.get('round', j.get('current_round', '?'))}/{spec.get('rounds', '?')}, "
+             f"failures survived {len(j.get('failures', []))}"]
+    if hist:
+        lines.append(f"  {'round':>5} {'updates':>7} {'members':>7} {'test loss':>9} {'accuracy':>8} {'seconds':>7}")
+        for h in hist[-10:]:
+            lines.append(f"  {h['round']:>5} {h['participants']:>7} {h['members']:>7} {h['test_loss']:>9.4f} "
+                         f"{h['test_accuracy'] * 100:>7.2f}% {h['seconds']:>7.2f}")
+    for f in j.get("failures", []):
+        lines.append(f"  failure: node {f['node']} in round {f['round']} ({f['how']})")
+    return "\n".join(lines)
+
+
+def _cmd_job_status(args: argparse.Namespace) -> int:
+    address = _control_address(args)
+    path = "/jobs" + (f"?job={args.job}" if args.job else "")
+    code, body = _get(address, path, args.timeout)
+    if code != 200:
+        print(f"mlfabric: {address} answered {code}: {body.get('error', body)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    jobs = body.get("jobs", {})
+    if not jobs:
+        print("no jobs known to this node" + (f" named {args.job}" if args.job else ""))
+        return 1 if args.job else 0
+    print("\n".join(format_job(j) for j in jobs.values()))
+    return 0
+
+
 # -------------------------------------------------------------------- cluster and demo
 
 
@@ -213,6 +272,25 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("key", metavar="KEY", help="integer (decimal or 0x-hex), or any text (hashed)")
     where(lookup)
     lookup.set_defaults(func=_cmd_lookup)
+
+    job = sub.add_parser("job", help="submit a federated training job, follow its rounds")
+    jsub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
+    submit = jsub.add_parser("submit", help="store a job on the ring; every node takes part")
+    submit.add_argument("--task", default="digits", help="'digits' (built in) or package.module:attr")
+    submit.add_argument("--rounds", type=int, default=20)
+    submit.add_argument("--local-epochs", type=int, default=None, help="default: the task's")
+    submit.add_argument("--nodes-per-round", type=int, default=None, help="trainers sampled per round (default all)")
+    submit.add_argument("--lr", type=float, default=None, help="default: the task's")
+    submit.add_argument("--batch-size", type=int, default=None, help="default: the task's")
+    submit.add_argument("--parents", type=int, default=None, help="skip-mesh parents per node (1: plain tree)")
+    submit.add_argument("--job-seed", type=int, default=None, help="model init and data split seed (default 0)")
+    submit.add_argument("--job-id", default=None, help="job name (default TASK-<unix time>)")
+    where(submit)
+    submit.set_defaults(func=_cmd_job_submit)
+    jstatus = jsub.add_parser("status", help="round, participants, loss and accuracy, failures survived")
+    jstatus.add_argument("--job", default=None, help="only this job")
+    where(jstatus)
+    jstatus.set_defaults(func=_cmd_job_status)
 
     cluster = sub.add_parser("cluster", help="a local multi-process cluster on loopback addresses")
     csub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")

@@ -63,9 +63,12 @@ InstanceKey = tuple[str, int, int]  # (job id, round, shard index)
 
 
 class Strategy(Protocol[P]):
-    """How payloads combine. ``merge`` may reuse ``into`` (it is consumed) but must not touch ``other``."""
+    """How payloads combine. ``merge`` may reuse ``into`` (it is consumed) but must not touch ``other``;
+    ``copy`` gives a payload that can be merged into without changing the original."""
 
     def merge(self, into: P, other: P) -> P: ...
+
+    def copy(self, payload: P) -> P: ...
 
 
 # ---- messages between aggregators (the host maps them to wire messages and the bulk lane) -----------
@@ -281,7 +284,9 @@ class Aggregator(Generic[P]):
         elif inst.forwarded:
             self._send_unit(now, inst, me, payload)
         else:
-            self._merge_local(inst, me, payload)
+            # A copy: merges go into the accumulator in place, and our own update must stay as it is
+            # for a repair request.
+            self._merge_local(inst, me, self.strategy.copy(payload))
         self._progress(now, inst)
 
     def receive(self, now: float, msg: Message) -> None:

@@ -44,9 +44,11 @@ from mlfabric.errors import ConfigError
 from mlfabric.runtime.bulk import BlobHandler
 from mlfabric.runtime.control import ControlServer, Response
 from mlfabric.runtime.driver import NodeDriver
+from mlfabric.runtime.jobs import JOB_MESSAGES, JobService, submit_query_to_spec
 from mlfabric.runtime.systemd import SystemdNotifier, notify_lifecycle
 from mlfabric.runtime.transport import Transport
-from mlfabric.wire.messages import Peer
+from mlfabric.wire.blob import TensorBlob
+from mlfabric.wire.messages import Message, Peer
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +174,7 @@ class Daemon:
         self.transport: Transport | None = None
         self.control: ControlServer | None = None
         self.control_address: str | None = None
+        self.jobs: JobService | None = None
         self._lock_fd: int | None = None
         self._started_at = 0.0
         self._stop_requested: asyncio.Event | None = None
@@ -212,7 +215,7 @@ class Daemon:
     async def _start_components(self, settings: Settings) -> None:
         cluster_key = settings.key_bytes()  # configuration errors first, before anything is written
         host, port = parse_address(settings.listen, allow_zero=True)
-        self.transport = Transport(settings.transport, cluster_key, on_blob=self._on_blob)
+        self.transport = Transport(settings.transport, cluster_key, on_blob=self._dispatch_blob)
         try:
             real_port = await self.transport.bind(host, port)
         except OSError as exc:
@@ -227,9 +230,12 @@ class Daemon:
                              failure=settings.failure, incarnation=incarnation)
         self.driver = NodeDriver(self.core, self.transport)
         self.driver.listeners.append(self._log_event)
-        await self.transport.start(self.peer, self.driver.on_message, self.driver.on_unreachable)
+        self.jobs = JobService(self)
+        self.jobs.start()
+        await self.transport.start(self.peer, self._dispatch_message, self._dispatch_unreachable)
         self.control = ControlServer({"/status": self._status_route, "/lookup": self._lookup_route,
-                                      "/metrics": self._metrics_route})
+                                      "/metrics": self._metrics_route, "/jobs": self._jobs_route,
+                                      "/job/submit": self._submit_route})
         chost, cport = parse_address(settings.control, allow_zero=True)
         try:
             self.control_address = await self.control.start(chost, cport)
@@ -243,6 +249,8 @@ class Daemon:
         if self._stopped:
             return
         self._stopped = True
+        if self.jobs is not None:
+            await self.jobs.close()
         if leave and self.driver is not None and self.transport is not None and self.core is not None:
             if self.core.chord.joined:
                 self.driver.leave()
@@ -328,6 +336,36 @@ class Daemon:
         out["open_connections"] = self.transport.open_connections
         out["peers"] = self.transport.peers()
         return out
+
+    def _dispatch_message(self, src: Peer, msg: Message) -> None:
+        if self.jobs is not None and isinstance(msg, JOB_MESSAGES):
+            self.jobs.handle(src, msg)
+        elif self.driver is not None:
+            self.driver.on_message(src, msg)
+
+    def _dispatch_unreachable(self, address: str) -> None:
+        if self.driver is not None:
+            self.driver.on_unreachable(address)
+        if self.jobs is not None:
+            self.jobs.on_unreachable(address)
+
+    def _dispatch_blob(self, src: Peer, name: str, blob: TensorBlob) -> None:
+        if self.jobs is not None and self.jobs.on_blob(src, name, blob):
+            return
+        if self._on_blob is not None:
+            self._on_blob(src, name, blob)
+
+    async def _jobs_route(self, query: dict[str, str]) -> Response:
+        assert self.jobs is not None
+        return Response.json(self.jobs.status(query.get("job")))
+
+    async def _submit_route(self, query: dict[str, str]) -> Response:
+        assert self.jobs is not None
+        try:
+            spec = submit_query_to_spec(query)
+            return Response.json(await self.jobs.submit(spec))
+        except ConfigError as exc:
+            return Response.error(400, str(exc))
 
     async def _status_route(self, query: dict[str, str]) -> Response:
         return Response.json(self.status())

@@ -40,6 +40,9 @@ class IntSum:
     def merge(self, into: Payload, other: Payload) -> Payload:
         return (into[0] + other[0], into[1] + other[1])
 
+    def copy(self, payload: Payload) -> Payload:
+        return payload  # immutable
+
 
 @dataclass
 class AggregateRun:

@@ -423,3 +423,98 @@ class BackpointerCopy(Message):
     """Stateful baseline: the sender's backpointer set, kept by its neighbours for when it dies."""
 
     holders: tuple[Peer, ...] = f(PEERS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs and skip-mesh aggregation (runtime/jobs.py). Partial aggregates and round results travel on
+# the bulk lane (a tensor plus a metadata header, see runtime/jobs.py); these are the control frames.
+# ---------------------------------------------------------------------------------------------
+
+JOB_ID = Str(64)
+JOB_SPEC = Str(4096)  # a JobSpec as JSON; validated again by pydantic on receipt
+JOB_STATE = Str(1 << 19)
+MAX_SHARDS = 4096
+
+
+@wire(60)
+@dataclass(frozen=True, slots=True)
+class JobSubmit(Message):
+    """A job for the coordinator: the owner of the job's ring key."""
+
+    spec: str = f(JOB_SPEC)
+
+
+@wire(61)
+@dataclass(frozen=True, slots=True)
+class JobAnnounce(Message):
+    """Goes once round the ring (successor to successor): every node that sees it joins the job."""
+
+    job: str = f(JOB_ID)
+    coordinator: Peer = f(PEER)
+    epoch: int = f(U64)
+    hops: int = f(U32)
+
+
+@wire(62)
+@dataclass(frozen=True, slots=True)
+class JobJoin(Message):
+    """The sender takes part in ``job`` (answer to an announce, or after a restart)."""
+
+    job: str = f(JOB_ID)
+    version: int = f(U64)  # the last round whose model the sender holds (0: none)
+
+
+@wire(63)
+@dataclass(frozen=True, slots=True)
+class RoundStart(Message):
+    """Round ``round`` of ``job`` over ``members``; ``sample`` is a bitmap over ``members`` of who trains."""
+
+    job: str = f(JOB_ID)
+    spec: str = f(JOB_SPEC)
+    round: int = f(U32)
+    members: tuple[Peer, ...] = f(PEERS)
+    sample: bytes = f(Bytes(MAX_PEER_LIST // 8))
+    roster: tuple[int, ...] = f(ListOf(U64, MAX_PEER_LIST))  # ids at job start: fixes each node's data split
+
+
+@wire(64)
+@dataclass(frozen=True, slots=True)
+class AggAck(Message):
+    job: str = f(JOB_ID)
+    round: int = f(U32)
+    shard: int = f(U32)
+    seq: int = f(U64)
+
+
+@wire(65)
+@dataclass(frozen=True, slots=True)
+class AggSecured(Message):
+    job: str = f(JOB_ID)
+    round: int = f(U32)
+    shard: int = f(U32)
+    seqs: tuple[int, ...] = f(ListOf(U64, 4096))
+
+
+@wire(66)
+@dataclass(frozen=True, slots=True)
+class AggPending(Message):
+    job: str = f(JOB_ID)
+    round: int = f(U32)
+    shard: int = f(U32)
+
+
+@wire(67)
+@dataclass(frozen=True, slots=True)
+class AggRepair(Message):
+    job: str = f(JOB_ID)
+    round: int = f(U32)
+    shard: int = f(U32)
+
+
+@wire(68)
+@dataclass(frozen=True, slots=True)
+class JobStateCopy(Message):
+    """The coordinator's job record (JSON), kept by its successors to take over if it dies."""
+
+    job: str = f(JOB_ID)
+    state: str = f(JOB_STATE)
