@@ -212,12 +212,14 @@ class Testbed:
                 _run(["sysctl", "-q", "-w", f"net.ipv4.tcp_retries2={self.tcp_retries2}"], ns=ns)
 
     def spawn(self, index: int, argv: Sequence[str], env: dict[str, str] | None = None,
-              log: Path | None = None) -> subprocess.Popen[bytes]:
-        """Run ``argv`` in host ``index``'s namespace (its own session; output to ``log``)."""
+              log: Path | None = None, inherit_env: bool = True) -> subprocess.Popen[bytes]:
+        """Run ``argv`` in host ``index``'s namespace (its own session; output to ``log``, default the
+        host's log). Its environment: ours, the testbed's ``env``, then ``env``; with
+        ``inherit_env=False`` exactly ``env``."""
         host = self.hosts[index]
         host.workdir.mkdir(parents=True, exist_ok=True)
         log = log or host.log
-        full_env = {**os.environ, **self.env, **(env or {})}
+        full_env = {**os.environ, **self.env, **(env or {})} if inherit_env else dict(env or {})
         with open(log, "ab") as out:
             proc = subprocess.Popen(["ip", "netns", "exec", host.ns, *argv], stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, env=full_env, start_new_session=True, close_fds=True)
@@ -257,6 +259,9 @@ class Testbed:
                     m = READY_RE.search(host.log.read_bytes())
                     if m is not None:
                         host.id, host.control = int(m.group(1), 16), m.group(3).decode()
+                        chost, _, cport = host.control.rpartition(":")
+                        if chost in ("0.0.0.0", "[::]", "::"):  # a wildcard: reach it at the host's address
+                            host.control = f"{host.address}:{cport}"
                         pending.discard(i)
                         continue
                 if host.proc is not None and host.proc.poll() is not None:
