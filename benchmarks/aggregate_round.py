@@ -591,6 +591,8 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     out["definitions"] = {
         "time": "max over processes of (holds the full result) - min over processes of (left the barrier), "
                 "CLOCK_MONOTONIC; median over reps, rounds alternate gloo/mlfabric",
+        "paired_ratio_median": "median over reps of mlfabric round / the gloo round just before it (robust to "
+                               "the machine's load drifting during the run)",
         "algbw_gbps": "model bytes / time (NCCL's algbw)",
         "busbw_gbps": "algbw * 2(n-1)/n: bytes a bandwidth-optimal all_reduce makes each rank send (and receive) "
                       "per second (NCCL's busbw)",
@@ -621,6 +623,9 @@ def mlfabric_result(shards: int, world: int, numel: int, ready: list[dict[str, A
         "shards": shards, **summary(times),
         "gloo_same_phase": summary(gloo_times),
         "ratio_vs_gloo_same_phase": round(med / statistics.median(gloo_times), 3),
+        "paired_ratio_median": round(statistics.median(m / g for m, g in zip(times, gloo_times, strict=True)), 3),
+        "times_s": [round(t, 4) for t in times],
+        "gloo_times_s": [round(t, 4) for t in gloo_times],
         "owned_bytes_per_process": owned,
         "max_abs_err_vs_exact_fedavg": max(c["max_abs_err"] for c in check),
         "nan_left": any(c["nan"] for c in check),
