@@ -49,7 +49,10 @@ pytestmark = pytest.mark.net
 SEED = int(os.environ.get("MLFABRIC_TEST_SEED", "2024"))
 PROBE = "mlfabric.learn.probe:IndexTask"
 PROBE_SIZE = 4096  # IndexTask's vector: 16 KiB of float32
-DELAY = 1.5  # MLFABRIC_PROBE_DELAY for the kill test: the window in which the victim dies
+# MLFABRIC_PROBE_DELAY for the kill test: the window in which the victim dies. A victim killed while it
+# trains must be declared dead before the round ends (so it is left out of the next one): local preset,
+# worst case near_interval + probe_timeout + suspicion_timeout = 1.05 s, plus slack for a loaded machine.
+DELAY = 2.0
 
 
 # -------------------------------------------------------------------- helpers
@@ -225,6 +228,8 @@ async def test_exact_sum_when_an_aggregator_is_killed_mid_round(clusters, monkey
     n, shard_bytes, parents, replicas = 8, 2048, 2, 2
     rng = random.Random(f"{SEED}-{moment}")
     job = f"probe-kill-{moment}-{SEED}"
+    plan = probe_plan(shard_bytes)  # imports torch here now: seconds on a loaded machine, not mid-round
+    assert len(plan) == PROBE_SIZE * 4 // shard_bytes
     cluster = clusters(n, extra_args=["--log-level", "debug"])
     tag = f"seed={SEED} moment={moment} job={job} workdir={cluster.workdir}"
     print(tag)
@@ -249,8 +254,6 @@ async def test_exact_sum_when_an_aggregator_is_killed_mid_round(clusters, monkey
     members = await poll(round0_members, 20.0, "round 0 started at the coordinator", context)
     assert len(members) == n, f"{tag}: round 0 has {len(members)} members, not {n}"
     roster = sorted(members)  # the coordinator's roster: sorted member ids at job start
-    plan = probe_plan(shard_bytes)
-    assert len(plan) == PROBE_SIZE * 4 // shard_bytes
     meshes = [Mesh.build(shard_key(job, s), members, k=parents, replicas=replicas, salt=0 * 1_000_003 + s)
               for s in range(len(plan))]
     inner = sorted({m.order[p] for m in meshes for p, kids in enumerate(m.children) if kids} - {coord.id})
@@ -270,7 +273,7 @@ async def test_exact_sum_when_an_aggregator_is_killed_mid_round(clusters, monkey
 
     await poll(victim_in_round0, 20.0, "round 0 started at the victim", context, interval=0.02)
     if moment == "training":
-        await asyncio.sleep(DELAY * 0.4)
+        await asyncio.sleep(0.1)
     else:
         needle = f"job {job} round 0: trained on"
 
@@ -312,15 +315,20 @@ async def test_exact_sum_when_an_aggregator_is_killed_mid_round(clusters, monkey
 
     assert [h["round"] for h in hist] == [0, 1], f"{tag}: {hist}"
     live = {x.id for x in survivors}
-    assert hist[0]["members"] == n and hist[1]["members"] == n - 1, f"{tag}: {hist}"
+    assert hist[0]["members"] == n, f"{tag}: {hist}"
+    if moment == "training":  # declared dead well before round 0 ended: left out of round 1
+        assert hist[1]["members"] == n - 1, f"{tag}: the dead victim is a member of round 1: {hist[1]}"
+    # ("trained": it died as round 0 ended, so round 1 may still name it; it must not be counted there)
     problems = check_probe_round(snapshots, hist[0], plan, roster, set(members), live)
     problems += check_probe_round(finals, hist[1], plan, roster, live, live)
     counted = sum(victim.id in {int(h, 16) for h in c} for c in hist[0]["contributors"])
     print(f"{tag}: victim counted in {counted} of {len(plan)} round-0 shards")
     if moment == "training":  # it died before its update existed
         assert counted == 0, f"{tag}: the victim was counted in round 0 though it died while training"
-    failed = [f["node"] for f in view["failures"]]
-    assert f"{victim.id:016x}" in failed, f"{tag}: failures {view['failures']}"
+    failed = [f for f in view["failures"] if f["node"] == f"{victim.id:016x}"]
+    assert failed, f"{tag}: the victim is not in failures {view['failures']}"
+    # the round it died in: 0 (while training), or 0/1 when it died as round 0 ended
+    assert failed[0]["round"] in ((0,) if moment == "training" else (0, 1)), f"{tag}: failures {view['failures']}"
     assert not problems, f"{tag}:\n" + "\n".join(problems) + "\n" + context()
 
 
@@ -397,7 +405,7 @@ async def test_restarted_cluster_resumes_the_job_from_its_last_round(clusters, m
     await ring_converged(cluster.nodes, context)
     ids_before = {x.index: x.id for x in cluster.nodes}
     submitted = cli_submit(cluster.nodes[0], task="digits", rounds=rounds, job_id=job, job_seed=SEED % 1000,
-                           local_epochs=4)
+                           local_epochs=15)  # ~1.5 s rounds (2 epochs: 0.2 s), so the stop lands mid-job
     coord = by_id(cluster, submitted["coordinator"]["id"])
     watch.append(coord)
 
@@ -408,7 +416,9 @@ async def test_restarted_cluster_resumes_the_job_from_its_last_round(clusters, m
     await poll(enough, 90.0, f"{stop_after} rounds recorded", context, interval=0.02)
     t_stop = time.monotonic()
     result = cluster_down(workdir, timeout=10.0)
-    cluster.procs.clear()  # cluster_down terminated (and could not reap) them: they are gone
+    for proc in cluster.procs.values():  # cluster_down (a fresh Cluster) terminated them; reap ours
+        proc.wait(timeout=10)
+    cluster.procs.clear()
     stop_s = time.monotonic() - t_stop
     record = json.loads((Path(coord.data_dir) / "jobs" / job / "job.json").read_text())
     versions = {x.index: (checkpoint(x, job) or ({}, {"version": None}))[1]["version"] for x in cluster.nodes}
@@ -433,6 +443,8 @@ async def test_restarted_cluster_resumes_the_job_from_its_last_round(clusters, m
           f"accuracy {[h['test_accuracy'] for h in hist]}")
     assert [h["round"] for h in hist] == list(range(rounds)), f"{tag}: rounds {[h['round'] for h in hist]}"
     assert hist[: len(recorded)] == recorded, f"{tag}: the recorded rounds were rewritten"
+    # every node reloaded its checkpoint at the recorded round, so all of them train in every round
+    assert all(h["participants"] == h["members"] == n for h in hist), f"{tag}: {hist}"
     resumes = log_lines(coord2, f"job {job}: round {record['next_round']} starts")
     assert resumes, f"{tag}: the coordinator never started round {record['next_round']} after the restart"
     assert not log_lines(coord2, f"job {job}: round 0 starts"), f"{tag}: round 0 started again after the restart"
