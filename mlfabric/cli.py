@@ -231,7 +231,8 @@ def _cmd_cluster_down(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mlfabric.runtime.demo import run_demo
 
-    return run_demo(nodes=args.nodes, workdir=args.workdir, seed=args.seed)
+    return run_demo(nodes=args.nodes, workdir=args.workdir, seed=args.seed, rounds=args.rounds,
+                    kill_round=None if args.kill_round is None else args.kill_round - 1, plot=args.plot)
 
 
 # -------------------------------------------------------------------- parser
@@ -308,10 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--timeout", type=float, default=10.0)
     down.set_defaults(func=_cmd_cluster_down)
 
-    demo = sub.add_parser("demo", help="watch a local 8-node ring form, answer lookups and repair itself")
+    demo = sub.add_parser("demo", help="the main job: local daemons train a CNN together, one aggregator is "
+                          "SIGKILLed mid-training, compared with a failure-free run")
     demo.add_argument("--nodes", type=int, default=8)
-    demo.add_argument("--workdir", default=None, help="keep the cluster's files here (default: a temp dir)")
-    demo.add_argument("--seed", type=int, default=1, help="seed for the lookup keys and the node to stop")
+    demo.add_argument("--workdir", default=None, help="keep the clusters' files and logs here (default: a temp dir)")
+    demo.add_argument("--seed", type=int, default=1, help="the job's seed (model init, data split)")
+    demo.add_argument("--rounds", type=int, default=None, help="training rounds (default 15)")
+    demo.add_argument("--kill-round", type=int, default=None, help="round (1-based) in which to SIGKILL an "
+                      "aggregator (default: a third of the way)")
+    demo.add_argument("--plot", default=None, help="PNG to write (default ./mlfabric-demo.png)")
     demo.set_defaults(func=_cmd_demo)
 
     try:  # the simulator adds "sim ..." when its module exists

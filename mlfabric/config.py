@@ -138,6 +138,9 @@ class Settings(BaseSettings):
     cluster_key_file: Path | None = Field(None, description="File holding the cluster key (first line).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON objects.")
+    preload_torch: bool = Field(False, description="Import torch at start, before joining the ring (training "
+                                "nodes): importing it when the first job arrives costs seconds of CPU that delay "
+                                "the node's answers to failure probes.")
     overlay: OverlayConfig = Field(default_factory=OverlayConfig, description="Chord overlay timers and sizes.")
     failure: FailureConfig = Field(default_factory=FailureConfig, description="Failure detection and propagation.")
     transport: TransportConfig = Field(default_factory=TransportConfig, description="TCP lanes and their limits.")

@@ -618,6 +618,11 @@ class Aggregator(Generic[P]):
             # finishes the round; no timer until then.
             inst.root_deadline = float("inf")
             return
+        if not inst.root_units and now - inst.started < self.config.max_wait:
+            # Nothing at all yet (we took over a root that died, or everyone is late): an empty result
+            # would throw the round away. Keep waiting, within max_wait of the start.
+            inst.root_deadline = now + self.config.repair_timeout
+            return
         self._finalise(now, inst)
 
     def _finalise(self, now: float, inst: _Instance[P]) -> None:

@@ -94,10 +94,11 @@ def node_command(index: int, data_dir: Path, preset: str, seed: str | None, extr
     return cmd + list(extra)
 
 
-def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+def _spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as log:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, close_fds=True)
+                                start_new_session=True, close_fds=True,
+                                env=None if env is None else {**os.environ, **env})
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -137,6 +138,7 @@ def cluster_up(
     preset: str = "local",
     extra_args: list[str] | None = None,
     timeout: float | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Cluster:
     """Start ``nodes`` daemons (node 0 first: it is every other node's seed); return once all listen."""
     if nodes < 1:
@@ -162,7 +164,7 @@ def cluster_up(
                 log = node_dir / "log"
                 with contextlib.suppress(FileNotFoundError):
                     log.unlink()
-                proc = _spawn(node_command(index, node_dir, preset, seed, extra), log)
+                proc = _spawn(node_command(index, node_dir, preset, seed, extra), log, extra_env)
                 cluster.procs[proc.pid] = proc
                 pending[index] = (proc, log)
             procs = {i: p for i, (p, _) in pending.items()}

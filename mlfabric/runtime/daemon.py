@@ -214,6 +214,11 @@ class Daemon:
 
     async def _start_components(self, settings: Settings) -> None:
         cluster_key = settings.key_bytes()  # configuration errors first, before anything is written
+        if settings.preload_torch:
+            t0 = time.perf_counter()
+            import torch  # noqa: F401 - before the ring knows us: the import's CPU burst stalls no probe
+
+            logger.info("torch imported in %.2f s (preload_torch)", time.perf_counter() - t0)
         host, port = parse_address(settings.listen, allow_zero=True)
         self.transport = Transport(settings.transport, cluster_key, on_blob=self._dispatch_blob)
         try:
@@ -354,6 +359,8 @@ class Daemon:
             return
         if self._on_blob is not None:
             self._on_blob(src, name, blob)
+        elif self.transport is not None:
+            self.transport.bulk.received.put_nowait((src, name, blob))  # the lane's default: its queue
 
     async def _jobs_route(self, query: dict[str, str]) -> Response:
         assert self.jobs is not None

@@ -1,108 +1,175 @@
-"""``mlfabric demo`` (first version): a local cluster of real daemons forms a ring, answers lookups and repairs.
+"""``mlfabric demo``: the main job. Real daemons train a CNN together, lose an aggregator, and go on.
 
-1. start N daemons (local preset) on 127.0.0.1..N; node 0 is the seed;
-2. print, as time passes, how many nodes have the true successor, predecessor, successor list and all
-   64 fingers (from each node's /status, against the ideal ring computed from all ids);
-3. look up random keys from every node and check each answer against the true successor;
-4. SIGTERM one node, show the ring repairing, look up again; 5. stop everything.
-Must not import torch.
+1. start N daemons (local preset) on 127.0.0.1..N and wait for the ideal ring;
+2. submit the ``digits`` job (a small CNN on the handwritten digits bundled with mlfabric, split
+   non-IID across the nodes) and print each round as it completes: accuracy, members, failures;
+3. in round ``kill_round``, as soon as it starts (the nodes are training), SIGKILL one node that
+   aggregates in that round's skip meshes (not the job's coordinator): its children fail over to their
+   next parent, the job leaves it out of the next rounds, training goes on;
+4. run the same job (same seed, same split) on a fresh cluster with no failure, as the reference;
+5. print both final accuracies and write a PNG of accuracy per round with the failure marked.
+
+The demo process itself imports torch only to draw nothing: the plot needs matplotlib alone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+import json
+import os
+import shutil
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from mlfabric.runtime.cluster import Cluster, check_lookups, cluster_up, fetch_statuses, percentile, ring_report
+from mlfabric.runtime.cluster import Cluster, cluster_up, fetch_statuses, ring_report
+from mlfabric.runtime.control import get_json
 
-RING_TIMEOUT = 20.0
-KEYS_PER_NODE = 16
-
-
-def _bar(count: int, total: int) -> str:
-    return f"{count:>3}/{total}"
+RING_TIMEOUT = 30.0
+JOB_TIMEOUT = 600.0
+TOLERANCE_PP = 1.0
 
 
-async def watch_ring(cluster: Cluster, out: TextIO, timeout: float = RING_TIMEOUT) -> float | None:
-    """Print ring correctness until it is ideal; returns seconds taken (None on timeout)."""
+async def _wait_ring(cluster: Cluster, timeout: float = RING_TIMEOUT) -> float | None:
     controls = [n.control for n in cluster.nodes]
     t0 = time.monotonic()
-    last: tuple[Any, ...] | None = None
-    last_print = 0.0
-    while True:
-        report = ring_report(await fetch_statuses(controls, timeout=2.0))
-        now = time.monotonic() - t0
-        n = report["nodes"]
-        row = tuple(report[k] for k in ("answered", "joined", "successor", "predecessor", "successor_list", "fingers"))
-        if row != last or now - last_print >= 1.0 or report["converged"]:
-            print(f"  t={now:5.2f}s  joined {_bar(report['joined'], n)}  successor {_bar(report['successor'], n)}"
-                  f"  predecessor {_bar(report['predecessor'], n)}  successor list {_bar(report['successor_list'], n)}"
-                  f"  fingers {_bar(report['fingers'], n)}", file=out, flush=True)
-            last, last_print = row, now
-        if report["converged"]:
-            return now
-        if now > timeout:
-            return None
+    while time.monotonic() - t0 < timeout:
+        if ring_report(await fetch_statuses(controls, timeout=2.0))["converged"]:
+            return time.monotonic() - t0
         await asyncio.sleep(0.2)
+    return None
 
 
-async def _lookups(cluster: Cluster, seed: int, out: TextIO) -> bool:
-    controls = [n.control for n in cluster.nodes]
-    ids = [n.id for n in cluster.nodes]
-    res = await check_lookups(controls, ids, KEYS_PER_NODE, seed=seed)
-    lat = [x * 1000 for x in res["elapsed_s"]]
-    hops = res["hops"]
-    mean_hops = sum(hops) / len(hops) if hops else 0.0
-    print(f"  {res['correct']}/{res['lookups']} lookups returned the true successor "
-          f"({res['wrong']} wrong, {res['failed']} failed); mean hops {mean_hops:.2f}, "
-          f"latency p50 {percentile(lat, 50) or 0:.2f} ms, p99 {percentile(lat, 99) or 0:.2f} ms",
+async def _job(control: str, job: str, timeout: float = 5.0) -> dict[str, Any] | None:
+    try:
+        code, body = await get_json(control, f"/jobs?job={job}", timeout)
+    except (TimeoutError, OSError):
+        return None
+    return body.get("jobs", {}).get(job) if code == 200 else None
+
+
+async def run_job(cluster: Cluster, job: str, rounds: int, seed: int, out: TextIO, label: str,
+                  kill_round: int | None = None) -> dict[str, Any]:
+    """Submit the digits job, print progress, optionally SIGKILL an aggregator; return the final record."""
+    entry = cluster.nodes[0].control
+    query = f"/job/submit?job_id={job}&task=digits&rounds={rounds}&seed={seed}"
+    code, body = await get_json(entry, query, 30.0)
+    if code != 200:
+        raise RuntimeError(f"submit failed: {body}")
+    coord_id = int(body["coordinator"]["id"])
+    coord = next(n for n in cluster.nodes if n.id == coord_id)
+    print(f"[{label}] job {job} submitted to node{cluster.nodes[0].index}; coordinator is node{coord.index} "
+          f"({coord_id:016x})", file=out, flush=True)
+    t0 = time.monotonic()
+    shown = 0
+    killed: dict[str, Any] | None = None
+    record: dict[str, Any] | None = None
+    while time.monotonic() - t0 < JOB_TIMEOUT:
+        record = await _job(coord.control, job)
+        if record is None:
+            await asyncio.sleep(0.05)
+            continue
+        hist = record.get("history", [])
+        for h in hist[shown:]:
+            fails = len(record.get("failures", []))
+            print(f"[{label}] round {h['round'] + 1:>2}/{rounds}  test accuracy {h['test_accuracy'] * 100:6.2f}%  "
+                  f"updates {h['participants']}/{h['members']}  members {h['members']}  "
+                  f"failures detected {fails}  ({h['seconds']:.2f}s)", file=out, flush=True)
+        shown = len(hist)
+        if (kill_round is not None and killed is None and record.get("current_round") == kill_round
+                and len(hist) == kill_round):
+            aggs = set(record.get("round_aggregators", [])) - {f"{coord_id:016x}"}
+            victims = [n for n in cluster.nodes if f"{n.id:016x}" in aggs and n.pid is not None]
+            if victims:
+                v = victims[len(victims) // 2]
+                os.kill(v.pid, signal.SIGKILL)
+                killed = {"index": v.index, "id": f"{v.id:016x}", "round": kill_round,
+                          "t": time.monotonic() - t0}
+                roots = record.get("round_roots", [])
+                role = f", root of {roots.count(killed['id'])} of {len(roots)} shards" if killed["id"] in roots else ""
+                print(f"[{label}] SIGKILL node{v.index} ({killed['id']}) during round {kill_round + 1}: it aggregates "
+                      f"partials in this round's skip meshes{role}", file=out, flush=True)
+        if record.get("status") == "done":
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise RuntimeError(f"job {job} did not finish within {JOB_TIMEOUT:g}s")
+    assert record is not None
+    record["killed"] = killed
+    record["wall_s"] = time.monotonic() - t0
+    return record
+
+
+def _start(wd: Path, nodes: int, out: TextIO, label: str) -> Cluster:
+    t0 = time.monotonic()
+    cluster = cluster_up(wd, nodes, preset="local", extra_env={"MLFABRIC_PRELOAD_TORCH": "true"})
+    took = asyncio.run(_wait_ring(cluster))
+    if took is None:
+        cluster.stop(timeout=5.0)
+        raise RuntimeError(f"the ring did not converge within {RING_TIMEOUT:g}s")
+    print(f"[{label}] {nodes} daemons up, ideal ring {time.monotonic() - t0:.1f}s after the first spawn",
           file=out, flush=True)
-    return res["correct"] == res["lookups"]
+    return cluster
 
 
-def run_demo(nodes: int = 8, workdir: str | Path | None = None, seed: int = 1, out: TextIO | None = None) -> int:
+def run_demo(nodes: int = 8, workdir: str | Path | None = None, seed: int = 1, out: TextIO | None = None,
+             rounds: int | None = None, kill_round: int | None = None, plot: str | Path | None = None) -> int:
     out = out or sys.stdout
-    rng = random.Random(seed)
+    rounds = rounds or 15
+    kill_round = rounds // 3 if kill_round is None else kill_round
     tmp = tempfile.TemporaryDirectory(prefix="mlfabric-demo-") if workdir is None else None
     wd = Path(workdir) if workdir is not None else Path(tmp.name)  # type: ignore[union-attr]
-    ok = True
+    plot_path = Path(plot) if plot is not None else Path.cwd() / "mlfabric-demo.png"
     t0 = time.monotonic()
-    print(f"starting {nodes} mlfabric daemons (local preset) in {wd}", file=out, flush=True)
-    cluster = cluster_up(wd, nodes, preset="local")
+    job = f"digits-demo-{seed}"
+    print(f"mlfabric demo: {nodes} daemons train a CNN on handwritten digits (non-IID split, {rounds} rounds, "
+          f"skip mesh with 2 parents); one aggregator is SIGKILLed in round {kill_round + 1}", file=out, flush=True)
+    results: dict[str, dict[str, Any]] = {}
     try:
-        print(f"all {nodes} listening after {time.monotonic() - t0:.1f}s (node0 is everyone's seed):", file=out)
-        for n in cluster.nodes:
-            print(f"  node{n.index:<3} {n.id:016x}  {n.address:<20} pid {n.pid}", file=out)
-        print("the ring forms (nodes whose state matches the ideal ring):", file=out, flush=True)
-        took = asyncio.run(watch_ring(cluster, out))
-        if took is None:
-            ok = False
-            print(f"  ring not ideal after {RING_TIMEOUT:g}s", file=out)
-        else:
-            print(f"  ideal ring after {took:.2f}s", file=out)
-        ok &= asyncio.run(_lookups(cluster, rng.randrange(1 << 30), out))
-
-        victim = rng.choice(cluster.nodes[1:]) if len(cluster.nodes) > 1 else None
-        if victim is not None:
-            print(f"SIGTERM node{victim.index} ({victim.id:016x}): it hands its neighbours over and leaves",
-                  file=out, flush=True)
-            cluster.stop(timeout=5.0, indices=[victim.index])
-            took = asyncio.run(watch_ring(cluster, out))
-            if took is None:
-                ok = False
-                print(f"  ring not repaired after {RING_TIMEOUT:g}s", file=out)
-            else:
-                print(f"  ring repaired {took:.2f}s after the node stopped", file=out)
-            ok &= asyncio.run(_lookups(cluster, rng.randrange(1 << 30), out))
-    finally:
-        result = cluster.stop(timeout=5.0)
-        print(f"stopped {result['terminated']} daemons ({result['killed']} needed SIGKILL); "
-              f"demo took {time.monotonic() - t0:.1f}s — {'OK' if ok else 'FAILED'}", file=out, flush=True)
+        for label, wdir, kill in (("failure", wd / "run-failure", kill_round), ("reference", wd / "run-reference", None)):
+            if wdir.exists():
+                shutil.rmtree(wdir)
+            cluster = _start(wdir, nodes, out, label)
+            try:
+                results[label] = asyncio.run(run_job(cluster, job, rounds, seed, out, label, kill))
+            finally:
+                cluster.stop(timeout=5.0)
+    except RuntimeError as exc:
+        print(f"demo FAILED: {exc} (logs in {wd})", file=out, flush=True)
         if tmp is not None:
+            print("  (re-run with --workdir DIR to keep the logs)", file=out)
             tmp.cleanup()
+        return 1
+    fail, ref = results["failure"], results["reference"]
+    acc = [h["test_accuracy"] for h in fail["history"]]
+    ref_acc = [h["test_accuracy"] for h in ref["history"]]
+    diff = (acc[-1] - ref_acc[-1]) * 100
+    killed = fail.get("killed")
+    failures = fail.get("failures", [])
+    print(f"final test accuracy with one aggregator killed: {acc[-1] * 100:.2f}%  (failures detected: "
+          f"{len(failures)}; rounds after the kill ran with {fail['history'][-1]['members']} members)", file=out)
+    print(f"final test accuracy of the failure-free reference: {ref_acc[-1] * 100:.2f}%  "
+          f"(difference {diff:+.2f} percentage points)", file=out)
+    ok = killed is not None and abs(diff) <= TOLERANCE_PP and len(fail["history"]) == rounds
+    if killed is None:
+        print("no aggregator was killed (the kill round passed before the demo saw it)", file=out)
+    try:
+        from mlfabric.learn.plot import plot_accuracy
+
+        marks = [killed["round"] + 0.5] if killed else []
+        plot_accuracy(plot_path, [h["round"] + 1 for h in fail["history"]], acc, ref_acc,
+                      [m + 0.5 for m in marks], f"{nodes} daemons, digits CNN, skip mesh (2 parents)")
+        print(f"plot: {plot_path}", file=out)
+    except ImportError as exc:
+        print(f"no plot ({exc}); install matplotlib", file=out)
+    summary = {"nodes": nodes, "rounds": rounds, "final_accuracy": acc[-1], "reference_accuracy": ref_acc[-1],
+               "difference_pp": round(diff, 3), "killed": killed, "failures": failures,
+               "accuracy": acc, "reference": ref_acc, "wall_s": round(time.monotonic() - t0, 1)}
+    (wd / "demo-summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"demo took {time.monotonic() - t0:.1f}s — {'OK' if ok else 'FAILED'}", file=out, flush=True)
+    if tmp is not None:
+        tmp.cleanup()
     return 0 if ok else 1

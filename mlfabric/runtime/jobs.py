@@ -161,7 +161,7 @@ class _Round:
     started: float
     contributor: bool
     finals: dict[int, Any] = field(default_factory=dict)  # shard -> averaged tensor
-    contributors: dict[int, int] = field(default_factory=dict)  # shard -> how many updates
+    contributors: dict[int, frozenset[int]] = field(default_factory=dict)  # shard -> member ids counted
     train_loss: float | None = None
 
 
@@ -220,7 +220,8 @@ class LocalJob:
         from mlfabric.learn.shards import apply_shard
 
         for i, spec in enumerate(self.plan):
-            apply_shard(self.model, spec, shards[i])
+            if shards.get(i) is not None:  # None: no update reached the root; the shard keeps its value
+                apply_shard(self.model, spec, shards[i])
         self.version = version
         self.dir.mkdir(parents=True, exist_ok=True)
         save_checkpoint(self.dir / "model.ckpt", self.model.state_dict(),
@@ -375,6 +376,8 @@ class JobService:
             if rnd is not None:
                 out["current_round"] = rnd.number
                 out["round_members"] = [f"{p.id:016x}" for p in rnd.members]
+                out["round_aggregators"] = sorted({f"{a:016x}" for m in rnd.meshes for a in m.aggregators()})
+                out["round_roots"] = [f"{m.order[0]:016x}" for m in rnd.meshes]
             jobs[name] = out
         return {"node": f"{self.me.id:016x}", "jobs": jobs}
 
@@ -461,7 +464,7 @@ class JobService:
             msg: Any = Partial(key, src, seq, contributors, fed_partial(tensor, weight), repair=flag)
         else:
             self.counters["finals_received"] += 1
-            msg = Final(key, src, contributors, tensor)
+            msg = Final(key, src, contributors, tensor if tensor.numel() else None)
         self.agg.receive(self.loop.time(), msg)
         self._pump()
 
@@ -487,7 +490,7 @@ class JobService:
         self.dead.add(node)
         for name, st in self.coord.items():
             if node in st.members:
-                st.failures.append({"node": f"{node:016x}", "round": st.next_round - 1, "how": why,
+                st.failures.append({"node": f"{node:016x}", "round": st.next_round, "how": why,
                                     "time_unix": time.time()})
                 logger.info("job %s: member %016x is dead (%s); it leaves the next round", name, node, why)
         if self._agg is not None:
@@ -548,6 +551,8 @@ class JobService:
 
     def _on_announce(self, src: Peer, msg: JobAnnounce) -> None:
         token = (msg.job, msg.epoch)
+        if msg.coordinator.id != self.me.id:
+            self.dead.discard(msg.coordinator.id)
         if msg.coordinator.id == self.me.id:
             ev = self._waiting_joins.get(msg.job)
             if ev is not None:
@@ -575,6 +580,11 @@ class JobService:
         if self._closed or state.status != "running":
             return
         job, r = state.spec.job_id, state.next_round
+        # Members marked dead get a direct announce: one that is alive after all (a false verdict under
+        # load) answers with JobJoin, which clears the mark, and is back in the next round.
+        for i in sorted(self.dead & set(state.members)):
+            self.daemon.transport.send_nowait(  # type: ignore[union-attr]
+                state.members[i], JobAnnounce(job, self.me, random.getrandbits(63), 4096))
         live = sorted((i, a) for i, a in state.members.items() if i not in self.dead)
         if len(live) > MAX_PEER_LIST:
             live = live[:MAX_PEER_LIST]
@@ -596,9 +606,15 @@ class JobService:
         if st is None or st.next_round != rnd.number:
             return
         duration = self.loop.time() - rnd.started
-        st.history.append({"round": rnd.number, "participants": min(rnd.contributors.values(), default=0),
-                           "members": len(rnd.members), "test_loss": round(loss, 5), "test_accuracy": round(acc, 5),
-                           "train_loss": rnd.train_loss, "seconds": round(duration, 3), "time_unix": time.time()})
+        counts = [len(c) for c in rnd.contributors.values()]
+        entry: dict[str, Any] = {
+            "round": rnd.number, "participants": min(counts, default=0), "members": len(rnd.members),
+            "test_loss": round(loss, 5), "test_accuracy": round(acc, 5), "train_loss": rnd.train_loss,
+            "seconds": round(duration, 3), "time_unix": time.time()}
+        if len(rnd.members) <= 64:  # small jobs keep who was counted, shard by shard
+            entry["contributors"] = [sorted(f"{m:016x}" for m in rnd.contributors[s])
+                                     for s in range(len(rnd.meshes))]
+        st.history.append(entry)
         st.next_round = rnd.number + 1
         if st.next_round >= st.spec.rounds:
             st.status = "done"
@@ -674,7 +690,10 @@ class JobService:
                 logger.info("job %s round %d: our model is at version %d; relaying only this round", name,
                             msg.round, job.version)
             return
+        t0 = self.loop.time()
         samples, loss, parts = await asyncio.to_thread(job.train, msg.round)
+        logger.debug("job %s round %d: trained on %d samples in %.3f s (loss %.4f)", name, msg.round, samples,
+                     self.loop.time() - t0, loss)
         self.counters["rounds_trained"] += 1
         rnd.train_loss = round(loss, 5)
         if self.rounds.get(name) is not rnd:
@@ -696,10 +715,14 @@ class JobService:
 
             payload = finalize(payload) if payload is not None else None
         if payload is None:
-            logger.error("job %s round %d shard %d finished with no update at all", name, r, s)
-            return
+            logger.warning("job %s round %d shard %d finished with no update at all: the shard keeps its value",
+                           name, r, s)
         rnd.finals[s] = payload
-        rnd.contributors[s] = len(ev.contributors)
+        mesh = rnd.meshes[s]
+        rnd.contributors[s] = frozenset(mesh.order[p] for p in ev.contributors if p < len(mesh.order))
+        logger.debug("job %s round %d shard %d: result from %016x with %d updates after %.3f s%s", name, r, s,
+                     ev.root, len(ev.contributors), self.loop.time() - rnd.started,
+                     " (finalised here)" if ev.finalised_here else "")
         if len(rnd.finals) == len(rnd.meshes):
             self._spawn(self._finish_round(name, rnd, job), f"{name} finish {r}")
 
@@ -775,7 +798,12 @@ class JobService:
             transport.send_nowait(address, AggRepair(job, r, s))
 
     def _final_tensor(self, msg: Final[Any]) -> Any:
-        """The averaged shard, computed once per result (the root sends it to every member)."""
+        """The averaged shard, computed once per result (the root sends it to every member).
+        An empty result (no update reached the root within max_wait) travels as an empty tensor."""
+        if msg.payload is None:
+            import torch
+
+            return torch.empty(0, dtype=torch.float32)
         cache = getattr(self, "_final_cache", None)
         if cache is None or cache[0] is not msg.payload:
             from mlfabric.learn.strategy import finalize
