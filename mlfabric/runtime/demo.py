@@ -9,7 +9,7 @@
 4. run the same job (same seed, same split) on a fresh cluster with no failure, as the reference;
 5. print both final accuracies and write a PNG of accuracy per round with the failure marked.
 
-The demo process itself imports torch only to draw nothing: the plot needs matplotlib alone.
+The demo process itself never imports torch (the daemons do); the plot needs matplotlib.
 """
 
 from __future__ import annotations
@@ -159,9 +159,9 @@ def run_demo(nodes: int = 8, workdir: str | Path | None = None, seed: int = 1, o
     try:
         from mlfabric.learn.plot import plot_accuracy
 
-        marks = [killed["round"] + 0.5] if killed else []
-        plot_accuracy(plot_path, [h["round"] + 1 for h in fail["history"]], acc, ref_acc,
-                      [m + 0.5 for m in marks], f"{nodes} daemons, digits CNN, skip mesh (2 parents)")
+        marks = [killed["round"] + 1] if killed else []  # 1-based, like the x axis
+        plot_accuracy(plot_path, [h["round"] + 1 for h in fail["history"]], acc, ref_acc, marks,
+                      f"{nodes} daemons, digits CNN, skip mesh (2 parents)")
         print(f"plot: {plot_path}", file=out)
     except ImportError as exc:
         print(f"no plot ({exc}); install matplotlib", file=out)

@@ -1,23 +1,30 @@
-"""`mlfabric demo`: 8 real daemons form the ring, answer lookups correctly, repair after SIGTERM, in < 1 minute."""
+"""`mlfabric demo`, the main job, end to end: 8 real daemons train digits, one aggregator is SIGKILLed
+mid-round, the job goes on, and the final accuracy is within 1 point of a failure-free run."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
-import time
 
 import pytest
 
-pytestmark = pytest.mark.net
+pytestmark = [pytest.mark.net, pytest.mark.slow]
 
 
-def test_demo_runs_end_to_end(tmp_path) -> None:
-    t0 = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "mlfabric", "demo", "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=90, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
+def test_demo_trains_through_an_aggregator_kill(tmp_path) -> None:
+    plot = tmp_path / "demo.png"
+    done = subprocess.run([sys.executable, "-m", "mlfabric", "demo", "--workdir", str(tmp_path / "wd"),
+                           "--plot", str(plot)], capture_output=True, text=True, timeout=280, check=False)
     out = done.stdout
-    assert "ideal ring after" in out and "ring repaired" in out and out.rstrip().endswith("OK")
-    assert "128/128 lookups returned the true successor" in out
-    assert "112/112 lookups returned the true successor" in out
-    assert time.monotonic() - t0 < 60
+    assert done.returncode == 0, out + done.stderr
+    assert out.rstrip().endswith("OK")
+    assert "SIGKILL node" in out and "during round" in out
+    summary = json.loads((tmp_path / "wd" / "demo-summary.json").read_text())
+    assert summary["killed"] is not None
+    assert abs(summary["difference_pp"]) <= 1.0
+    assert len(summary["accuracy"]) == summary["rounds"] == len(summary["reference"])
+    assert summary["final_accuracy"] >= 0.95 and summary["reference_accuracy"] >= 0.95
+    killed = summary["killed"]["id"]
+    assert any(f["node"] == killed for f in summary["failures"]), "the job noticed the kill"
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
