@@ -160,6 +160,9 @@ def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> Non
 # -------------------------------------------------------------------- the daemon
 
 
+LOOKUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
 class Daemon:
     """One mlfabric node. ``await start()``, then ``await stop()``; or ``await run()`` for the CLI."""
 
@@ -175,6 +178,9 @@ class Daemon:
         self.control: ControlServer | None = None
         self.control_address: str | None = None
         self.jobs: JobService | None = None
+        self._lookup_hist = [0] * len(LOOKUP_BUCKETS)
+        self._lookup_over = 0
+        self._lookup_sum = 0.0
         self._lock_fd: int | None = None
         self._started_at = 0.0
         self._stop_requested: asyncio.Event | None = None
@@ -400,6 +406,36 @@ class Daemon:
         metric("open_connections", "gauge", "open TCP connections", self.transport.open_connections)
         metric("uptime_seconds", "gauge", "seconds since the node started",
                round(asyncio.get_running_loop().time() - self._started_at, 3))
+        metric("known_peers", "gauge", "distinct peers this node holds a connection or routing entry for",
+               len(self.transport.peers()))
+        lines.append("# HELP mlfabric_lookup_seconds latency of lookups served by the control endpoint")
+        lines.append("# TYPE mlfabric_lookup_seconds histogram")
+        cumulative = 0
+        for bound, count in zip(LOOKUP_BUCKETS, self._lookup_hist, strict=False):
+            cumulative += count
+            lines.append(f'mlfabric_lookup_seconds_bucket{{le="{bound:g}"}} {cumulative}')
+        total = sum(self._lookup_hist) + self._lookup_over
+        lines.append(f'mlfabric_lookup_seconds_bucket{{le="+Inf"}} {total}')
+        lines.append(f"mlfabric_lookup_seconds_sum {self._lookup_sum:.6f}")
+        lines.append(f"mlfabric_lookup_seconds_count {total}")
+        if self.jobs is not None:
+            jobs = self.jobs
+            metric("job_rounds_completed_total", "counter", "training rounds whose result this node applied",
+                   jobs.counters["rounds_completed"])
+            metric("job_rounds_trained_total", "counter", "rounds in which this node trained and contributed",
+                   jobs.counters["rounds_trained"])
+            metric("aggregation_seconds_total", "counter", "seconds from round start to the applied result, summed",
+                   round(jobs.counters["aggregation_seconds_total"], 6))
+            metric("aggregation_last_seconds", "gauge", "seconds from start to applied result of the last round",
+                   jobs.last_aggregation_s or 0.0)
+            metric("job_members", "gauge", "members of the rounds in progress here",
+                   sum(len(r.members) for r in jobs.rounds.values()))
+            for name in ("partials_sent", "partials_received", "finals_received", "bulk_send_failures", "bad_blobs"):
+                metric(f"job_{name}_total", "counter", f"job {name.replace('_', ' ')}", jobs.counters[name])
+            if jobs._agg is not None:
+                for name, value in sorted(jobs._agg.counters.items()):
+                    metric(f"aggregator_{name}_total", "counter", f"skip-mesh aggregator {name.replace('_', ' ')}",
+                           value)
         return Response(200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4")
 
     async def _lookup_route(self, query: dict[str, str]) -> Response:
@@ -419,6 +455,12 @@ class Daemon:
             done = await self.driver.lookup(key, timeout=limit)
         except TimeoutError:
             return Response.error(504, f"lookup did not finish within {limit:g}s")
+        i = next((i for i, b in enumerate(LOOKUP_BUCKETS) if done.elapsed <= b), len(LOOKUP_BUCKETS))
+        if i < len(LOOKUP_BUCKETS):
+            self._lookup_hist[i] += 1
+        else:
+            self._lookup_over += 1
+        self._lookup_sum += done.elapsed
         body: dict[str, Any] = {"key": key, "node": done.node.to_json() if done.node else None,
                                 "hops": done.hops, "elapsed_s": round(done.elapsed, 6)}
         if done.node is None:

@@ -55,7 +55,7 @@ from mlfabric.core.aggregate import (
     RoundResult,
     Secured,
 )
-from mlfabric.core.events import Event, PeerDied
+from mlfabric.core.events import Event, PeerDied, PeerPurged
 from mlfabric.core.placement import Mesh, shard_key
 from mlfabric.core.ring import ring_id
 from mlfabric.errors import ConfigError, RemoteProtocolError
@@ -276,6 +276,7 @@ class JobService:
         self.rounds: dict[str, _Round] = {}
         self.coord: dict[str, CoordinatorState] = {}
         self.replicas: dict[str, str] = {}  # job -> coordinator state JSON copied to us
+        self.replica_from: dict[str, int] = {}  # job -> the coordinator that sent it
         self.dead: set[int] = set()
         self.addresses: dict[int, str] = {}
         self._seen_announce: set[tuple[str, int]] = set()
@@ -399,7 +400,9 @@ class JobService:
             elif isinstance(msg, RoundStart):
                 self._on_round_start(src, msg)
             elif isinstance(msg, JobStateCopy):
-                self.replicas[msg.job] = msg.state
+                if len(self.replicas) < 64 or msg.job in self.replicas:
+                    self.replicas[msg.job] = msg.state
+                    self.replica_from[msg.job] = src.id
             elif isinstance(msg, AggAck):
                 self._agg_receive(msg.job, msg.round, msg.shard,
                                   PartialAck((msg.job, msg.round, msg.shard), src.id, msg.seq))
@@ -483,6 +486,8 @@ class JobService:
     def _on_event(self, event: Event) -> None:
         if isinstance(event, PeerDied):
             self._peer_dead(event.peer.id, "failure detector")
+        elif isinstance(event, PeerPurged):  # a failure notice or a graceful leave reached us
+            self._peer_dead(event.peer.id, "failure notice")
 
     def _peer_dead(self, node: int, why: str) -> None:
         if node in self.dead or node == self.me.id or self._closed:
@@ -496,6 +501,9 @@ class JobService:
         if self._agg is not None:
             self._agg.peer_dead(self.loop.time(), node)
             self._pump()
+        for name, coordinator in list(self.replica_from.items()):
+            if coordinator == node and name not in self.coord:
+                self._spawn(self._maybe_take_over(name), f"take over {name}")
 
     # ------------------------------------------------------------------ coordinator
 
@@ -526,6 +534,54 @@ class JobService:
         if not state.roster:
             state.roster = sorted(state.members)
         self._start_round(state)
+
+    async def _maybe_take_over(self, name: str) -> None:
+        """The coordinator of a job we hold a copy of died: if its key is ours now, go on from the copy."""
+        await asyncio.sleep(1.0)  # let the ring repair around the dead node first
+        driver = self.daemon.driver
+        if driver is None or name in self.coord or name not in self.replicas:
+            return
+        for _ in range(5):
+            done = await driver.lookup(job_key(name))
+            if done.node is not None and done.node.id not in self.dead:
+                break
+            await asyncio.sleep(0.5)
+        if done.node is None or done.node.id != self.me.id:
+            return
+        try:
+            state = CoordinatorState.from_json(self.replicas[name])
+        except (ValueError, KeyError, ValidationError) as exc:
+            logger.error("job %s: cannot take over, bad copy of the record: %s", name, exc)
+            return
+        if state.status != "running":
+            return
+        dead = self.replica_from.get(name)
+        local = self.jobs.get(name)
+        if local is not None and local.version > state.next_round:
+            # We finished a round the dead coordinator did not record: record it (evaluated here) and go on.
+            loss, acc = await asyncio.to_thread(local.evaluate)
+            rnd = self.rounds.get(name)
+            done_here = rnd is not None and rnd.number == local.version - 1
+            state.history.append({"round": local.version - 1,
+                                  "participants": min((len(c) for c in rnd.contributors.values()), default=0)
+                                  if done_here else 0,
+                                  "members": len(rnd.members) if done_here else 0,
+                                  "test_loss": round(loss, 5), "test_accuracy": round(acc, 5), "train_loss": None,
+                                  "seconds": 0.0, "time_unix": time.time(), "recorded_by": "successor"})
+            state.next_round = local.version
+        state.members = {i: a for i, a in state.members.items() if i not in self.dead}
+        state.failures.append({"node": f"{dead or 0:016x}", "round": state.next_round, "how": "coordinator died",
+                               "time_unix": time.time()})
+        if name in self.coord:
+            return
+        self.coord[name] = state
+        logger.info("job %s: coordinator %016x is dead; taking over at round %d", name, dead or 0, state.next_round)
+        self._persist(state)
+        if state.next_round >= state.spec.rounds:
+            state.status = "done"
+            self._persist(state)
+            return
+        await self._resume(state)
 
     async def _announce(self, state: CoordinatorState) -> None:
         job = state.spec.job_id
@@ -649,6 +705,8 @@ class JobService:
             return
         cur = self.rounds.get(msg.job)
         if cur is not None and cur.number >= msg.round:
+            # Started already (a coordinator that took over re-sends the round in progress): the round
+            # goes on as it is; its end makes the new coordinator record it and start the next one.
             return
         for p in msg.members:
             self.addresses[p.id] = p.address

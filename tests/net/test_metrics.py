@@ -12,7 +12,7 @@ from mlfabric.runtime.cluster import ring_report
 
 pytestmark = pytest.mark.net
 
-_SAMPLE = re.compile(r"^(mlfabric_[a-z_]+) (-?[0-9.e+]+)$")
+_SAMPLE = re.compile(r'^(mlfabric_[a-z_]+(?:\{le="(?:[0-9.e+-]+|\+Inf)"\})?) (-?[0-9.e+]+)$')
 
 
 async def _get_text(address: str, path: str) -> tuple[str, str]:
@@ -46,7 +46,10 @@ async def test_metrics_expose_overlay_failure_and_transport_counters(daemon_fact
         samples[m.group(1)] = float(m.group(2))
     for name in ("probes_sent_total", "acks_received_total", "deaths_declared_total", "notices_sent_total",
                  "notices_received_total", "lookups_started_total", "transport_frames_in_total",
-                 "transport_bytes_out_total", "incarnation", "open_connections", "uptime_seconds"):
+                 "transport_bytes_out_total", "incarnation", "open_connections", "uptime_seconds",
+                 "known_peers", "lookup_seconds_count", "lookup_seconds_sum", 'lookup_seconds_bucket{le="+Inf"}',
+                 "job_rounds_completed_total", "aggregation_seconds_total", "job_partials_sent_total",
+                 "transport_bulk_bytes_in_total"):
         assert f"mlfabric_{name}" in samples, name
     assert samples["mlfabric_probes_sent_total"] >= 1
     assert samples["mlfabric_transport_frames_in_total"] > 0
