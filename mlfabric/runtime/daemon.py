@@ -261,6 +261,8 @@ class Daemon:
             return
         self._stopped = True
         if self.jobs is not None:
+            if leave:
+                self.jobs.leaving()
             await self.jobs.close()
         if leave and self.driver is not None and self.transport is not None and self.core is not None:
             if self.core.chord.joined:

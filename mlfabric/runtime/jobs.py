@@ -68,6 +68,7 @@ from mlfabric.wire.messages import (
     AggSecured,
     JobAnnounce,
     JobJoin,
+    JobLeave,
     JobStateCopy,
     JobSubmit,
     Message,
@@ -81,7 +82,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mlfabric.jobs")
 
 JOB_MESSAGES = (JobSubmit, JobAnnounce, JobJoin, RoundStart, AggAck, AggSecured, AggPending, AggRepair,
-                JobStateCopy)
+                JobStateCopy, JobLeave)
 PARTIAL_BLOB = "agg"
 FINAL_BLOB = "fin"
 MAX_BITMAP = MAX_PEER_LIST // 8
@@ -277,6 +278,7 @@ class JobService:
         self.coord: dict[str, CoordinatorState] = {}
         self.replicas: dict[str, str] = {}  # job -> coordinator state JSON copied to us
         self.replica_from: dict[str, int] = {}  # job -> the coordinator that sent it
+        self.coordinator_of: dict[str, Peer] = {}  # job -> who sent us its last RoundStart
         self.dead: set[int] = set()
         self.addresses: dict[int, str] = {}
         self._seen_announce: set[tuple[str, int]] = set()
@@ -303,6 +305,21 @@ class JobService:
             if state.status == "running":
                 self.coord[state.spec.job_id] = state
                 self._spawn(self._resume(state), f"resume {state.spec.job_id}")
+
+    def leaving(self) -> None:
+        """Graceful stop: tell each job's coordinator we go; a coordinator hands its jobs to its successor.
+        The frames leave with the ring's Leaving frames (the daemon drains the transport after this)."""
+        transport = self.daemon.transport
+        if transport is None:
+            return
+        succ = self._successor()
+        for name, st in self.coord.items():
+            if st.status == "running" and succ is not None and succ.id != self.me.id:
+                transport.send_nowait(succ.address, JobStateCopy(name, st.to_json(), handover=True))
+                logger.info("job %s: handing coordination over to %016x", name, succ.id)
+        for name, coordinator in self.coordinator_of.items():
+            if coordinator.id != self.me.id and name not in self.coord:
+                transport.send_nowait(coordinator.address, JobLeave(name))
 
     async def close(self) -> None:
         self._closed = True
@@ -403,6 +420,11 @@ class JobService:
                 if len(self.replicas) < 64 or msg.job in self.replicas:
                     self.replicas[msg.job] = msg.state
                     self.replica_from[msg.job] = src.id
+                    if msg.handover:
+                        logger.info("job %s: coordinator %016x is leaving and hands the job over", msg.job, src.id)
+                        self._peer_dead(src.id, "left the ring (handover)")
+            elif isinstance(msg, JobLeave):
+                self._peer_dead(src.id, "left the ring")
             elif isinstance(msg, AggAck):
                 self._agg_receive(msg.job, msg.round, msg.shard,
                                   PartialAck((msg.job, msg.round, msg.shard), src.id, msg.seq))
@@ -570,7 +592,7 @@ class JobService:
                                   "seconds": 0.0, "time_unix": time.time(), "recorded_by": "successor"})
             state.next_round = local.version
         state.members = {i: a for i, a in state.members.items() if i not in self.dead}
-        state.failures.append({"node": f"{dead or 0:016x}", "round": state.next_round, "how": "coordinator died",
+        state.failures.append({"node": f"{dead or 0:016x}", "round": state.next_round, "how": "coordinator gone (died or left)",
                                "time_unix": time.time()})
         if name in self.coord:
             return
@@ -651,6 +673,9 @@ class JobService:
         msg = RoundStart(job, state.spec.model_dump_json(), r, members, _bitmap(trainers, len(members)),
                          tuple(state.roster))
         logger.info("job %s: round %d starts with %d members", job, r, len(members))
+        succ = self._successor()
+        if succ is not None and succ.id != self.me.id:  # the copy a successor takes over from if we die
+            self.daemon.transport.send_nowait(succ.address, JobStateCopy(job, state.to_json()))  # type: ignore[union-attr]
         for peer in members:
             if peer.id == self.me.id:
                 self._on_round_start(self.me, msg)
@@ -710,6 +735,8 @@ class JobService:
             return
         for p in msg.members:
             self.addresses[p.id] = p.address
+        self.coordinator_of[msg.job] = src
+        self.replica_from.setdefault(msg.job, src.id)
         self._spawn(self._run_round(spec, msg), f"{msg.job} round {msg.round}")
 
     async def _run_round(self, spec: JobSpec, msg: RoundStart) -> None:

@@ -518,3 +518,12 @@ class JobStateCopy(Message):
 
     job: str = f(JOB_ID)
     state: str = f(JOB_STATE)
+    handover: bool = f(BOOL, False)  # the coordinator is leaving: the receiver coordinates from now on
+
+
+@wire(69)
+@dataclass(frozen=True, slots=True)
+class JobLeave(Message):
+    """The sender leaves the ring gracefully: leave it out of the job's next rounds."""
+
+    job: str = f(JOB_ID)
