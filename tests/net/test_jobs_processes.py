@@ -311,7 +311,9 @@ async def test_exact_sum_when_an_aggregator_is_killed_mid_round(clusters, monkey
           + "; ".join(f"r{h['round']} {h['participants']}/{h['members']} in {h['seconds']}s" for h in hist)
           + f"; failures: {view['failures']}")
     missed = [f"node{x.index}" for x in survivors if x.id not in snapshots]
-    assert not missed, f"{tag}: round 0's checkpoint (version 1) never seen at {missed}\n{context()}"
+    relayed = [ln for x in survivors for ln in log_lines(x, f"job {job} round 1: our model is at version")]
+    assert not missed, (f"{tag}: round 0's model (checkpoint version 1) never held by {missed}; nodes that "
+                        f"sat round 1 out: {relayed}\n{context()}")
 
     assert [h["round"] for h in hist] == [0, 1], f"{tag}: {hist}"
     live = {x.id for x in survivors}
