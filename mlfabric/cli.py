@@ -148,7 +148,8 @@ def _cmd_job_submit(args: argparse.Namespace) -> int:
 
     params = {"job_id": args.job_id or f"{args.task.split(':')[-1]}-{int(time.time())}", "task": args.task,
               "rounds": args.rounds, "local_epochs": args.local_epochs, "nodes_per_round": args.nodes_per_round,
-              "lr": args.lr, "batch_size": args.batch_size, "seed": args.job_seed, "parents": args.parents}
+              "lr": args.lr, "batch_size": args.batch_size, "seed": args.job_seed, "parents": args.parents,
+              "shard_bytes": args.shard_bytes, "replicas": args.replicas}
     query = urlencode({k: v for k, v in params.items() if v is not None})
     address = _control_address(args)
     code, body = _get(address, f"/job/submit?{query}", args.timeout)
@@ -278,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     jsub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
     submit = jsub.add_parser("submit", help="store a job on the ring; every node takes part")
     submit.add_argument("--task", default="digits", help="'digits' (built in) or package.module:attr")
-    submit.add_argument("--rounds", type=int, default=20)
+    submit.add_argument("--rounds", type=int, default=None, help="default: the task's")
+    submit.add_argument("--shard-bytes", type=int, default=None, help="largest model shard (default 16 KiB)")
+    submit.add_argument("--replicas", type=int, default=None, help="shard owner + replicas (default 2)")
     submit.add_argument("--local-epochs", type=int, default=None, help="default: the task's")
     submit.add_argument("--nodes-per-round", type=int, default=None, help="trainers sampled per round (default all)")
     submit.add_argument("--lr", type=float, default=None, help="default: the task's")

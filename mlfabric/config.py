@@ -138,6 +138,10 @@ class Settings(BaseSettings):
     cluster_key_file: Path | None = Field(None, description="File holding the cluster key (first line).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON objects.")
+    tasks: list[str] = Field(default_factory=lambda: ["digits", "mlfabric.learn.probe:IndexTask"],
+                             description="Training tasks this node agrees to run: 'digits' or "
+                             "'package.module:attr'. A task is code the node imports when a job names it, and "
+                             "any node in the ring can submit a job: list only code you trust.")
     preload_torch: bool = Field(False, description="Import torch at start, before joining the ring (training "
                                 "nodes): importing it when the first job arrives costs seconds of CPU that delay "
                                 "the node's answers to failure probes.")

@@ -44,6 +44,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from mlfabric.core.placement import Mesh
 
 __all__ = [
+    "Abstain",
     "Aggregator",
     "AggregatorConfig",
     "DeadlineEstimator",
@@ -53,6 +54,7 @@ __all__ = [
     "PartialAck",
     "Pending",
     "RepairRequest",
+    "ResultRequest",
     "Secured",
     "Strategy",
     "RoundResult",
@@ -112,6 +114,23 @@ class Pending:
 
 
 @dataclass(frozen=True, slots=True)
+class Abstain:
+    """The sender was expected to contribute but cannot this round (it missed the last result and has
+    no current model, say): the root stops waiting for it."""
+
+    key: InstanceKey
+    sender: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRequest:
+    """A member that has waited ``result_timeout`` for an instance's result asks the root candidates."""
+
+    key: InstanceKey
+    sender: int
+
+
+@dataclass(frozen=True, slots=True)
 class RepairRequest:
     key: InstanceKey
     root: int
@@ -127,7 +146,7 @@ class Final(Generic[P]):
     payload: P
 
 
-Message = Partial[Any] | PartialAck | Secured | Pending | RepairRequest | Final[Any]
+Message = Partial[Any] | PartialAck | Secured | Pending | Abstain | RepairRequest | ResultRequest | Final[Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +174,7 @@ class AggregatorConfig:
     repair_timeout: float = 1.0  # how long the root waits for answers to one round of repair requests
     repair_rounds: int = 3  # repair attempts before the root finalises with what it has
     repair: bool = True  # False (with k = 1): the plain-tree baseline
+    result_timeout: float = 30.0  # a member without the result this long after the start asks for it
 
 
 class DeadlineEstimator:
@@ -205,7 +225,7 @@ class _Instance(Generic[P]):
     pos: int
     started: float
     contributor: bool  # this node brings an update of its own
-    expected: frozenset[int]  # positions whose updates the round wants
+    expected: set[int]  # positions whose updates the round wants (less those that abstain)
     own: P | None = None
     own_ready: bool = False
     acc: P | None = None
@@ -219,6 +239,8 @@ class _Instance(Generic[P]):
     repair_asked: bool = False  # the root asked us for our own update
     repair_root: int | None = None
     done: bool = False
+    result: Final[P] | None = None  # kept (until forget) to answer ResultRequest
+    next_pull: float = 0.0
     # acting-root state
     root_units: list[tuple[frozenset[int], P]] = field(default_factory=list)  # everything received
     root_counted: set[int] = field(default_factory=set)  # union of the disjoint cover chosen from them
@@ -259,13 +281,19 @@ class Aggregator(Generic[P]):
         """Join an instance. ``expected``: node ids whose updates the round wants (default: all members)."""
         if key in self._instances or self.me not in mesh.index:
             return
-        exp = frozenset(mesh.index[n] for n in (mesh.order if expected is None else expected) if n in mesh.index)
+        exp = {mesh.index[n] for n in (mesh.order if expected is None else expected) if n in mesh.index}
         inst = _Instance(key=key, mesh=mesh, pos=mesh.index[self.me], started=now, contributor=contributor,
                          expected=exp)
         inst.deadline = now + self._estimator(key, "wait").timeout() + self._stagger(mesh, inst.pos)
+        inst.next_pull = now + self.config.result_timeout
         self._instances[key] = inst
         if not contributor:
             inst.own_ready = True
+            if inst.pos in exp:  # the round counts on us and we cannot: say so to the root candidates
+                exp.discard(inst.pos)
+                for q in range(min(mesh.replicas, len(mesh.order))):
+                    if q != inst.pos:
+                        self._outbox.append((mesh.order[q], Abstain(key, self.me)))
         self._progress(now, inst)
 
     def contribute(self, now: float, key: InstanceKey, payload: P) -> None:
@@ -310,9 +338,18 @@ class Aggregator(Generic[P]):
             inst = self._instances.get(msg.key)
             if inst is not None and not inst.done and msg.sender in inst.mesh.index:
                 inst.pending[inst.mesh.index[msg.sender]] = now
+        elif isinstance(msg, Abstain):
+            inst = self._instances.get(msg.key)
+            if inst is not None and not inst.done and msg.sender in inst.mesh.index:
+                pos = inst.mesh.index[msg.sender]
+                inst.expected.discard(pos)
+                inst.arrived.add(pos)  # as a child it is done too: nothing of its own to wait for
+                self._progress(now, inst)
         elif isinstance(msg, RepairRequest):
             inst = self._instances.get(msg.key)
-            if inst is not None and not inst.done and inst.contributor:
+            if inst is not None and not inst.done and not inst.contributor:
+                self._outbox.append((msg.root, Abstain(msg.key, self.me)))
+            elif inst is not None and not inst.done and inst.contributor:
                 inst.repair_asked, inst.repair_root = True, msg.root
                 if inst.own_ready:
                     self._send_repair(now, inst)
@@ -322,7 +359,13 @@ class Aggregator(Generic[P]):
             inst = self._instances.get(msg.key)
             if inst is not None and not inst.done:
                 self._finish(inst)
+                inst.result = msg
                 self._events.append(RoundResult(msg.key, msg.root, msg.contributors, msg.payload, False))
+        elif isinstance(msg, ResultRequest):
+            inst = self._instances.get(msg.key)
+            if inst is not None and inst.result is not None and msg.sender != self.me:
+                res = inst.result
+                self._outbox.append((msg.sender, Final(res.key, res.root, res.contributors, res.payload)))
 
     def peer_dead(self, now: float, node: int) -> None:
         """A failure verdict: fail over everything waiting on ``node``; maybe take over as root."""
@@ -335,6 +378,10 @@ class Aggregator(Generic[P]):
                     self._resend(now, inst, unit)
             self._progress(now, inst)
 
+    def peer_alive(self, node: int) -> None:
+        """Withdraw a failure verdict (the node is back: a new round counts it as a member)."""
+        self._dead.discard(node)
+
     def handle_timer(self, now: float) -> None:
         for inst in list(self._instances.values()):
             if inst.done:
@@ -342,6 +389,12 @@ class Aggregator(Generic[P]):
             for unit in list(inst.units.values()):
                 if unit.acked_by is None and now >= unit.sent_at + self.config.ack_timeout:
                     self._resend(now, inst, unit)
+            if now >= inst.next_pull:
+                # The result is late: ask every root candidate; whoever has it sends it again.
+                inst.next_pull = now + self.config.repair_timeout
+                for q in range(min(inst.mesh.replicas, len(inst.mesh.order))):
+                    if q != inst.pos:
+                        self._outbox.append((inst.mesh.order[q], ResultRequest(inst.key, self.me)))
             if not inst.forwarded and not self._acting_root(inst) and now >= inst.deadline:
                 self.counters["deadline_expired"] += 1
                 self._estimator(inst.key, "wait").expired()
@@ -359,6 +412,7 @@ class Aggregator(Generic[P]):
                 times.append(inst.deadline)
             if inst.root_deadline is not None and inst.root_deadline != float("inf"):
                 times.append(inst.root_deadline)
+            times.append(inst.next_pull)
             for t in times:
                 if best is None or t < best:
                     best = t
@@ -464,6 +518,11 @@ class Aggregator(Generic[P]):
 
     def _forward(self, now: float, inst: _Instance[P]) -> None:
         inst.forwarded = True
+        if inst.acc is None and not inst.contributor:
+            # Nothing from us or below us: tell the parent, which would otherwise wait out its deadline.
+            parent = self._first_live_parent(inst.mesh, inst.pos)
+            if parent is not None:
+                self._outbox.append((inst.mesh.order[parent], Abstain(inst.key, self.me)))
         if inst.acc is not None:
             acc, acc_set, sources = inst.acc, inst.acc_set, inst.acc_sources
             inst.acc, inst.acc_set, inst.acc_sources = None, frozenset(), []
@@ -632,10 +691,13 @@ class Aggregator(Generic[P]):
             payload = self.strategy.merge(payload, other)
         contributors = frozenset(inst.root_counted)
         self._finish(inst)
+        inst.result = Final(inst.key, self.me, contributors, payload)
+        # To every member, also those we believe dead: a wrong verdict must not cost a member the
+        # round's result (and a send to a dead node only fails).
         for node in inst.mesh.order:
-            if node != self.me and not self._dead_node(node):
+            if node != self.me:
                 self.counters["finals_sent"] += 1
-                self._outbox.append((node, Final(inst.key, self.me, contributors, payload)))
+                self._outbox.append((node, inst.result))
         self._events.append(RoundResult(inst.key, self.me, contributors, payload, True,
                                         repair_requests=inst.repair_requests, dropped=inst.dropped))
 

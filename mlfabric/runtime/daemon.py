@@ -348,6 +348,8 @@ class Daemon:
         out["transport"] = dict(self.transport.counters)
         out["open_connections"] = self.transport.open_connections
         out["peers"] = self.transport.peers()
+        if self.jobs is not None:
+            out["jobs"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.jobs.counters.items()}
         return out
 
     def _dispatch_message(self, src: Peer, msg: Message) -> None:

@@ -28,6 +28,12 @@ from typing import Any, TextIO
 from mlfabric.runtime.cluster import Cluster, cluster_up, fetch_statuses, ring_report
 from mlfabric.runtime.control import get_json
 
+# Eight daemons training on two cores stall each other's event loops for a few hundred milliseconds
+# at a time: the local preset's 0.25 s probe timeout would call that a death. Training nodes get
+# 1 s / 2 s, probing the successor every 1.2 s (a SIGKILL is still noticed at once through the
+# refused connections).
+TRAINING_ENV = {"MLFABRIC_PRELOAD_TORCH": "true", "MLFABRIC_FAILURE__PROBE_TIMEOUT": "1.0",
+                "MLFABRIC_FAILURE__SUSPICION_TIMEOUT": "2.0", "MLFABRIC_FAILURE__NEAR_INTERVAL": "1.2"}
 RING_TIMEOUT = 30.0
 JOB_TIMEOUT = 600.0
 TOLERANCE_PP = 1.0
@@ -105,7 +111,7 @@ async def run_job(cluster: Cluster, job: str, rounds: int, seed: int, out: TextI
 
 def _start(wd: Path, nodes: int, out: TextIO, label: str) -> Cluster:
     t0 = time.monotonic()
-    cluster = cluster_up(wd, nodes, preset="local", extra_env={"MLFABRIC_PRELOAD_TORCH": "true"})
+    cluster = cluster_up(wd, nodes, preset="local", extra_env=TRAINING_ENV)
     took = asyncio.run(_wait_ring(cluster))
     if took is None:
         cluster.stop(timeout=5.0)

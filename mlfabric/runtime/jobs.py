@@ -45,6 +45,7 @@ import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mlfabric.core.aggregate import (
+    Abstain,
     Aggregator,
     AggregatorConfig,
     Final,
@@ -52,6 +53,7 @@ from mlfabric.core.aggregate import (
     PartialAck,
     Pending,
     RepairRequest,
+    ResultRequest,
     RoundResult,
     Secured,
 )
@@ -62,9 +64,11 @@ from mlfabric.errors import ConfigError, RemoteProtocolError
 from mlfabric.wire.blob import TensorBlob
 from mlfabric.wire.messages import (
     MAX_PEER_LIST,
+    AggAbstain,
     AggAck,
     AggPending,
     AggRepair,
+    AggResultRequest,
     AggSecured,
     JobAnnounce,
     JobJoin,
@@ -82,7 +86,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mlfabric.jobs")
 
 JOB_MESSAGES = (JobSubmit, JobAnnounce, JobJoin, RoundStart, AggAck, AggSecured, AggPending, AggRepair,
-                JobStateCopy, JobLeave)
+                JobStateCopy, JobLeave, AggAbstain, AggResultRequest)
 PARTIAL_BLOB = "agg"
 FINAL_BLOB = "fin"
 MAX_BITMAP = MAX_PEER_LIST // 8
@@ -96,7 +100,7 @@ class JobSpec(BaseModel):
 
     job_id: str = Field(pattern=_JOB_ID.pattern, description="unique name of the job")
     task: str = Field("digits", max_length=200, description="'digits' or package.module:attr")
-    rounds: int = Field(20, ge=1, le=100_000)
+    rounds: int | None = Field(None, ge=1, le=100_000, description="default: the task's")
     local_epochs: int | None = Field(None, ge=1, le=1000)
     lr: float | None = Field(None, gt=0, le=10)
     batch_size: int | None = Field(None, ge=1, le=1 << 16)
@@ -269,7 +273,8 @@ class JobService:
         self.loop = asyncio.get_running_loop()
         self.me: Peer = daemon.peer  # type: ignore[assignment]
         self.dir = Path(daemon.data_dir) / "jobs"
-        self.agg_config = agg_config or AggregatorConfig(ack_timeout=3.0, initial_wait=10.0, repair_timeout=2.0)
+        self.agg_config = agg_config or AggregatorConfig(ack_timeout=3.0, initial_wait=10.0,
+                                                                repair_timeout=2.0, result_timeout=15.0)
         self._agg: Aggregator[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -279,6 +284,8 @@ class JobService:
         self.replicas: dict[str, str] = {}  # job -> coordinator state JSON copied to us
         self.replica_from: dict[str, int] = {}  # job -> the coordinator that sent it
         self.coordinator_of: dict[str, Peer] = {}  # job -> who sent us its last RoundStart
+        self.finishing: dict[str, _Round] = {}  # job -> the previous round, kept for late results
+        self._refused: set[str] = set()
         self.dead: set[int] = set()
         self.addresses: dict[int, str] = {}
         self._seen_announce: set[tuple[str, int]] = set()
@@ -289,13 +296,17 @@ class JobService:
         self._closed = False
         self.counters = {"rounds_completed": 0, "partials_sent": 0, "partials_received": 0, "finals_received": 0,
                          "bulk_send_failures": 0, "bad_blobs": 0, "aggregation_seconds_total": 0.0,
-                         "rounds_trained": 0}
+                         "rounds_trained": 0, "bad_messages": 0, "jobs_refused": 0}
         self.last_aggregation_s: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         self.daemon.driver.listeners.append(self._on_event)  # type: ignore[union-attr]
+        for path in sorted(self.dir.glob("*/model.ckpt")) if self.dir.exists() else []:
+            name = path.parent.name
+            if _JOB_ID.match(name) and not (path.parent / "job.json").exists():
+                self._spawn(self._rejoin(name), f"rejoin {name}")
         for path in sorted(self.dir.glob("*/job.json")) if self.dir.exists() else []:
             try:
                 state = CoordinatorState.from_json(path.read_text())
@@ -355,7 +366,18 @@ class JobService:
 
     # ------------------------------------------------------------------ submit / status (control API)
 
+    def task_allowed(self, task: str) -> bool:
+        return task in self.daemon.settings.tasks
+
     async def submit(self, spec: JobSpec) -> dict[str, Any]:
+        if not self.task_allowed(spec.task):
+            raise ConfigError(f"task {spec.task!r} is not in this node's allowed tasks "
+                              f"({', '.join(self.daemon.settings.tasks)}); see the 'tasks' setting")
+        if spec.rounds is None:
+            from mlfabric.learn.tasks import resolve_task
+
+            task = await asyncio.to_thread(resolve_task, spec.task)
+            spec = spec.model_copy(update={"rounds": int(task.default_rounds)})
         key = job_key(spec.job_id)
         done = await self.daemon.driver.lookup(key)  # type: ignore[union-attr]
         owner = done.node
@@ -433,11 +455,22 @@ class JobService:
                                   Secured((msg.job, msg.round, msg.shard), src.id, msg.seqs))
             elif isinstance(msg, AggPending):
                 self._agg_receive(msg.job, msg.round, msg.shard, Pending((msg.job, msg.round, msg.shard), src.id))
+            elif isinstance(msg, AggResultRequest):
+                self._agg_receive(msg.job, msg.round, msg.shard,
+                                  ResultRequest((msg.job, msg.round, msg.shard), src.id))
+            elif isinstance(msg, AggAbstain):
+                self._agg_receive(msg.job, msg.round, msg.shard, Abstain((msg.job, msg.round, msg.shard), src.id))
             elif isinstance(msg, AggRepair):
                 self._agg_receive(msg.job, msg.round, msg.shard,
                                   RepairRequest((msg.job, msg.round, msg.shard), src.id))
-        except (ValidationError, ValueError) as exc:
-            logger.warning("bad %s from %s: %s", type(msg).__name__, src.address, exc)
+        except ValidationError as exc:
+            self.counters["bad_messages"] += 1
+            first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
+            logger.warning("bad %s from %s: %s: %s (%d errors)", type(msg).__name__, src.address,
+                           ".".join(str(x) for x in first["loc"]) or "-", first["msg"], exc.error_count())
+        except ValueError as exc:
+            self.counters["bad_messages"] += 1
+            logger.warning("bad %s from %s: %s", type(msg).__name__, src.address, str(exc).splitlines()[0])
 
     def on_blob(self, src: Peer, name: str, blob: TensorBlob) -> bool:
         """Bulk-lane delivery; True when the blob was a job's."""
@@ -516,7 +549,7 @@ class JobService:
             return
         self.dead.add(node)
         for name, st in self.coord.items():
-            if node in st.members:
+            if node in st.members and st.status == "running":
                 st.failures.append({"node": f"{node:016x}", "round": st.next_round, "how": why,
                                     "time_unix": time.time()})
                 logger.info("job %s: member %016x is dead (%s); it leaves the next round", name, node, why)
@@ -531,6 +564,8 @@ class JobService:
 
     def _on_submit(self, src: Peer, msg: JobSubmit) -> None:
         spec = JobSpec.model_validate_json(msg.spec)
+        if spec.rounds is None or not self.task_allowed(spec.task):
+            raise ValueError(f"job {spec.job_id}: task {spec.task!r} not allowed here, or no round count")
         if spec.job_id in self.coord:
             logger.info("job %s already known here; submit ignored", spec.job_id)
             return
@@ -556,6 +591,24 @@ class JobService:
         if not state.roster:
             state.roster = sorted(state.members)
         self._start_round(state)
+
+    async def _rejoin(self, name: str) -> None:
+        """After a restart: tell the job's coordinator we are back (maybe at a new address), a few times,
+        since the coordinator may itself be restarting."""
+        core, driver = self.daemon.core, self.daemon.driver
+        if core is None or driver is None:
+            return
+        for _ in range(200):
+            if core.chord.joined:
+                break
+            await asyncio.sleep(0.1)
+        for attempt in range(4):
+            await asyncio.sleep(1.0 + attempt)
+            if name in self.rounds or self._closed:
+                return
+            done = await driver.lookup(job_key(name))
+            if done.node is not None and done.node.id != self.me.id:
+                self.daemon.transport.send_nowait(done.node.address, JobJoin(name, 0))  # type: ignore[union-attr]
 
     async def _maybe_take_over(self, name: str) -> None:
         """The coordinator of a job we hold a copy of died: if its key is ours now, go on from the copy."""
@@ -728,6 +781,13 @@ class JobService:
         spec = JobSpec.model_validate_json(msg.spec)
         if spec.job_id != msg.job or self.me.id not in {p.id for p in msg.members}:
             return
+        if not self.task_allowed(spec.task):
+            # A task is code this node would import and run: only the ones its operator listed.
+            if msg.job not in self._refused:
+                self._refused.add(msg.job)
+                logger.error("job %s: refusing task %r (not in this node's 'tasks' setting)", msg.job, spec.task)
+            self.counters["jobs_refused"] += 1
+            return
         cur = self.rounds.get(msg.job)
         if cur is not None and cur.number >= msg.round:
             # Started already (a coordinator that took over re-sends the round in progress): the round
@@ -749,15 +809,34 @@ class JobService:
         n = len(members)
         trainers = _unbitmap(msg.sample, n) if len(msg.sample) == (n + 7) // 8 else frozenset(range(n))
         pos = next(i for i, p in enumerate(members) if p.id == self.me.id)
+        prev = self.rounds.get(name)
+        if prev is not None and prev.number == msg.round - 1 and job.version < msg.round:
+            # The coordinator has every result of the last round; we still miss some (they are on the
+            # way, or lost: the aggregator asks the root candidates again). Wait for them, bounded.
+            limit = self.loop.time() + self.agg_config.result_timeout + 2 * self.agg_config.repair_timeout
+            while job.version < msg.round and self.loop.time() < limit and not self._closed:
+                await asyncio.sleep(0.05)
+            if self.rounds.get(name) is not prev:
+                return  # a later RoundStart overtook us while we waited
         contributor = pos in trainers and job.version == msg.round and job.data is not None
         ids = [p.id for p in members]
         trainer_ids = [members[i].id for i in trainers]
         meshes = [Mesh.build(shard_key(name, s), ids, k=spec.parents, replicas=spec.replicas,
                              salt=msg.round * 1_000_003 + s) for s in range(len(job.plan))]
-        prev = self.rounds.get(name)
+        # The coordinator counts every member of this round as alive (it re-checks the ones marked dead
+        # before each round): withdraw our own verdicts on them, so they get partials and results.
+        for p in members:
+            self.dead.discard(p.id)
+            if self._agg is not None:
+                self._agg.peer_alive(p.id)
+        # Keep the last round's instances (a slow member may still ask us for its results); forget
+        # the one before it.
+        old = self.finishing.pop(name, None)
+        if old is not None:
+            for s in range(len(old.meshes)):
+                self.agg.forget((name, old.number, s))
         if prev is not None:
-            for s in range(len(prev.meshes)):
-                self.agg.forget((name, prev.number, s))
+            self.finishing[name] = prev
         rnd = self.rounds[name] = _Round(msg.round, members, meshes, self.loop.time(), contributor)
         now = self.loop.time()
         for s, mesh in enumerate(meshes):
@@ -791,8 +870,10 @@ class JobService:
     def _on_result(self, ev: RoundResult[Any]) -> None:
         name, r, s = ev.key
         rnd = self.rounds.get(name)
+        if rnd is not None and rnd.number != r:
+            rnd = self.finishing.get(name)
         job = self.jobs.get(name)
-        if rnd is None or job is None or rnd.number != r:
+        if rnd is None or job is None or rnd.number != r or len(rnd.finals) == len(rnd.meshes):
             return
         payload = ev.payload
         if ev.finalised_here:
@@ -812,6 +893,8 @@ class JobService:
             self._spawn(self._finish_round(name, rnd, job), f"{name} finish {r}")
 
     async def _finish_round(self, name: str, rnd: _Round, job: LocalJob) -> None:
+        if job.version > rnd.number:
+            return  # a later round's results are in already (we caught up through it)
         await asyncio.to_thread(job.apply, rnd.finals, rnd.number + 1)
         took = self.loop.time() - rnd.started
         self.counters["rounds_completed"] += 1
@@ -881,6 +964,10 @@ class JobService:
             transport.send_nowait(address, AggPending(job, r, s))
         elif isinstance(msg, RepairRequest):
             transport.send_nowait(address, AggRepair(job, r, s))
+        elif isinstance(msg, Abstain):
+            transport.send_nowait(address, AggAbstain(job, r, s))
+        elif isinstance(msg, ResultRequest):
+            transport.send_nowait(address, AggResultRequest(job, r, s))
 
     def _final_tensor(self, msg: Final[Any]) -> Any:
         """The averaged shard, computed once per result (the root sends it to every member).

@@ -527,3 +527,23 @@ class JobLeave(Message):
     """The sender leaves the ring gracefully: leave it out of the job's next rounds."""
 
     job: str = f(JOB_ID)
+
+
+@wire(70)
+@dataclass(frozen=True, slots=True)
+class AggAbstain(Message):
+    """The sender cannot contribute to this instance (no current model): the root stops waiting for it."""
+
+    job: str = f(JOB_ID)
+    round: int = f(U32)
+    shard: int = f(U32)
+
+
+@wire(71)
+@dataclass(frozen=True, slots=True)
+class AggResultRequest(Message):
+    """The sender still lacks this instance's result: whoever has it sends it (again)."""
+
+    job: str = f(JOB_ID)
+    round: int = f(U32)
+    shard: int = f(U32)

@@ -221,3 +221,33 @@ def test_deadline_estimator_adapts_and_backs_off() -> None:
     for _ in range(50):
         est.observe(8.0)
     assert est.timeout() >= 8.0, "a slow node's subtree raises the wait instead of being cut off"
+
+
+def test_a_member_that_cannot_contribute_abstains_and_is_not_waited_for() -> None:
+    cfg = AggregatorConfig(initial_wait=5.0)
+    mesh = Mesh.build(0, IDS, k=2, replicas=2, salt=1)
+    stale = mesh.order[7]
+    aggs = {n: Aggregator(n, IntSum(), cfg) for n in IDS}
+    for n in IDS:
+        aggs[n].start(0.0, KEY, mesh, contributor=n != stale, expected=IDS)
+    results = {}
+    pending = [(d, m) for n in IDS for d, m in aggs[n].drain_outbox()]
+    assert any(type(m).__name__ == "Abstain" and d == mesh.order[0] for d, m in pending)
+    for n in IDS:
+        if n != stale:
+            aggs[n].contribute(0.1, KEY, (n, 1))
+    while pending or any(a._outbox for a in aggs.values()):
+        for a in aggs.values():
+            pending += a.drain_outbox()
+        while pending:
+            d, m = pending.pop(0)
+            aggs[d].receive(0.2, m)
+    for n, a in aggs.items():
+        for ev in a.drain_events():
+            results[n] = ev
+    root = results[mesh.order[0]]
+    assert root.finalised_here, "finalised at once, without waiting for a deadline"
+    ids = {mesh.order[p] for p in root.contributors}
+    assert ids == set(IDS) - {stale} and root.payload == (sum(ids), len(ids))
+    assert root.repair_requests == 0
+    assert results[stale].contributors == root.contributors, "the stale member still gets the result"
