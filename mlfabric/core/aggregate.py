@@ -392,9 +392,12 @@ class Aggregator(Generic[P]):
             if now >= inst.next_pull:
                 # The result is late: ask every root candidate; whoever has it sends it again.
                 inst.next_pull = now + self.config.repair_timeout
-                for q in range(min(inst.mesh.replicas, len(inst.mesh.order))):
-                    if q != inst.pos:
-                        self._outbox.append((inst.mesh.order[q], ResultRequest(inst.key, self.me)))
+                asked = {inst.mesh.order[q] for q in range(min(inst.mesh.replicas, len(inst.mesh.order)))}
+                acting = self._first_live_before(inst)
+                if acting is not None:
+                    asked.add(acting)
+                for node in sorted(asked - {self.me}):
+                    self._outbox.append((node, ResultRequest(inst.key, self.me)))
             if not inst.forwarded and not self._acting_root(inst) and now >= inst.deadline:
                 self.counters["deadline_expired"] += 1
                 self._estimator(inst.key, "wait").expired()
@@ -452,11 +455,19 @@ class Aggregator(Generic[P]):
         return node in self._dead or self._is_dead(node)
 
     def _acting_root(self, inst: _Instance[P]) -> bool:
-        """True when every member of the replica set before us is known dead."""
+        """True when every member before us in mesh order is known dead: the owner first, then its
+        replicas, then (so that a round always ends, with repair on) whoever comes next."""
         mesh = inst.mesh
-        if inst.pos >= mesh.replicas:
+        if inst.pos >= mesh.replicas and not self.config.repair:
             return False
         return all(self._dead_node(mesh.order[q]) for q in range(inst.pos))
+
+    def _first_live_before(self, inst: _Instance[P]) -> int | None:
+        """The acting root as far as we know: the first member before us in mesh order not known dead."""
+        for q in range(inst.pos):
+            if not self._dead_node(inst.mesh.order[q]):
+                return inst.mesh.order[q]
+        return None
 
     def _expected_children(self, inst: _Instance[P]) -> set[int]:
         """Live positions whose first live parent is us: our own children and those of dead parents."""
@@ -560,6 +571,9 @@ class Aggregator(Generic[P]):
         candidates = [mesh.order[q] for q in mesh.parents[inst.pos]]
         if self.config.repair:
             candidates += [mesh.order[q] for q in range(min(mesh.replicas, inst.pos))]
+            acting = self._first_live_before(inst)
+            if acting is not None and acting not in candidates:
+                candidates.append(acting)
         for node in candidates:
             if node not in unit.tried and not self._dead_node(node):
                 return node

@@ -90,6 +90,7 @@ JOB_MESSAGES = (JobSubmit, JobAnnounce, JobJoin, RoundStart, AggAck, AggSecured,
 PARTIAL_BLOB = "agg"
 FINAL_BLOB = "fin"
 MAX_BITMAP = MAX_PEER_LIST // 8
+RESUME_WAIT = 15.0  # seconds a restarted coordinator waits for the job's members to come back
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -286,6 +287,7 @@ class JobService:
         self.coordinator_of: dict[str, Peer] = {}  # job -> who sent us its last RoundStart
         self.finishing: dict[str, _Round] = {}  # job -> the previous round, kept for late results
         self._refused: set[str] = set()
+        self._confirmed: dict[str, set[int]] = {}  # job -> members heard from since a resume began
         self.dead: set[int] = set()
         self.addresses: dict[int, str] = {}
         self._seen_announce: set[tuple[str, int]] = set()
@@ -585,9 +587,26 @@ class JobService:
             if core.chord.joined:
                 break
             await asyncio.sleep(0.1)
+        resumed = bool(state.roster)
+        if resumed:
+            # A restart: the record's addresses may be stale (nodes restart on new ports). Wait, bounded,
+            # for the members to say where they are now, through the announce or their own JobJoin.
+            expected = set(state.members) - {self.me.id}
+            self._confirmed[state.spec.job_id] = set()
         await self._announce(state)
         if state.spec.job_id not in self.coord:
             return
+        if resumed:
+            limit = self.loop.time() + RESUME_WAIT
+            while self.loop.time() < limit and not expected <= self._confirmed[state.spec.job_id]:
+                await asyncio.sleep(0.1)
+            confirmed = self._confirmed.pop(state.spec.job_id)
+            missing = expected - confirmed
+            if missing:
+                logger.warning("job %s: %d member(s) did not come back within %.0f s; going on without them",
+                               state.spec.job_id, len(missing), RESUME_WAIT)
+                for node in missing:
+                    state.members.pop(node, None)
         if not state.roster:
             state.roster = sorted(state.members)
         self._start_round(state)
@@ -706,6 +725,8 @@ class JobService:
         if src.id not in st.members:
             logger.info("job %s: %016x joins (%s)", msg.job, src.id, src.address)
         st.members[src.id] = src.address
+        if msg.job in self._confirmed:
+            self._confirmed[msg.job].add(src.id)
 
     def _start_round(self, state: CoordinatorState) -> None:
         if self._closed or state.status != "running":
