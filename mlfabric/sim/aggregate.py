@@ -70,7 +70,8 @@ _DELIVER, _TIMER, _TRAINED, _KILL, _VERDICT = range(5)
 class _Sim:
     def __init__(self, run: AggregateRun) -> None:
         self.run = run
-        self.rng = random.Random(run.seed)
+        self.rng = random.Random(run.seed)  # the scenario: ids, training times, victims, kill times
+        self.net_rng = random.Random(run.seed * 7919 + 1)  # latencies, so protocol variants see the same scenario
         repair = run.repair if run.repair is not None else run.parents >= 2
         cfg = AggregatorConfig(**{**asdict(run.config), "repair": repair})
         ids = set()
@@ -99,7 +100,7 @@ class _Sim:
         agg = self.aggs[node]
         for dest, msg in agg.drain_outbox():
             self.messages[type(msg).__name__] += 1
-            lat = self.rng.uniform(self.run.latency_min, self.run.latency_max)
+            lat = self.net_rng.uniform(self.run.latency_min, self.run.latency_max)
             self.push(self.now + lat, _DELIVER, (dest, msg))
         for ev in agg.drain_events():
             if ev.finalised_here and ev.key not in self.results:
@@ -122,7 +123,7 @@ class _Sim:
             if self.finals_seen.get(node, 0) >= self.run.shards:
                 self.done_live -= 1
         for other in self.alive:
-            delay = self.run.detect_delay * self.rng.uniform(0.75, 1.25)
+            delay = self.run.detect_delay * self.net_rng.uniform(0.75, 1.25)
             self.push(self.now + delay, _VERDICT, (other, node))
 
     def step(self, t: float, kind: int, data: Any) -> None:
