@@ -487,12 +487,15 @@ class JobService:
             if not (isinstance(job, str) and all(isinstance(v, int) and v >= 0 for v in (rnd_no, shard, seq, weight))
                     and isinstance(bitmap, bytes) and isinstance(flag, bool)):
                 raise RemoteProtocolError("bad job blob header fields")
+            if blob.dtype != "float32" or len(blob.shape) != 1:
+                raise RemoteProtocolError("job blobs are 1-D float32")
+            if job not in self.jobs and job not in self.coordinator_of:
+                raise RemoteProtocolError(f"blob for job {job!r}, which this node does not take part in")
+            # Only now torch (valid header, a job we run): garbage never makes a node import it.
             from mlfabric.learn.strategy import Partial as FedPartial
             from mlfabric.learn.tensorio import tensor_from_blob
 
             tensor = tensor_from_blob(blob)
-            if tensor.dtype != __import__("torch").float32 or tensor.dim() != 1:
-                raise RemoteProtocolError("job blobs are 1-D float32")
         except (RemoteProtocolError, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
                 TypeError) as exc:
             self.counters["bad_blobs"] += 1

@@ -596,3 +596,47 @@ async def test_garbage_job_blobs_are_counted(daemon_factory, caplog) -> None:
     assert target.jobs.jobs == {} and target.jobs.rounds == {}
     code, _ = await get_json(target.control_address, "/status", 3.0)
     assert code == 200
+
+
+# -------------------------------------------------------------------- 6: the coordinator goes away
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+async def test_job_survives_the_loss_of_its_coordinator(clusters, monkeypatch, how: str) -> None:
+    """5 daemons run a probe job; after round 1 the coordinator is killed (crash) or stopped (graceful
+    leave, which hands the job over). The member that now owns the job key takes over from its copy of
+    the record, and the job ends with every round recorded exactly once."""
+    monkeypatch.setenv("MLFABRIC_PROBE_DELAY", "0.4")
+    cluster = clusters(5)
+    job, rounds = f"coord-{how.lower()}-{SEED}", 8
+    tag = f"seed={SEED} job={job} workdir={cluster.workdir}"
+
+    def context() -> str:
+        return tag + "\n" + "\n".join(f"--- node{n.index}\n{log_tail(n)}" for n in cluster.nodes)
+
+    await ring_converged(cluster.nodes, context)
+    submitted = await api_submit(cluster.nodes[0], job_id=job, task=PROBE, rounds=rounds, shard_bytes=4096)
+    coord = by_id(cluster, submitted["coordinator"]["id"])
+
+    async def two_rounds() -> bool:
+        view = await job_view(coord, job)
+        return view is not None and len(view.get("history", [])) >= 2
+
+    await poll(two_rounds, 60.0, "two rounds recorded", context)
+    os.kill(coord.pid, signal.SIGKILL if how == "SIGKILL" else signal.SIGTERM)
+    survivors = [n for n in cluster.nodes if n is not coord]
+
+    async def done_somewhere() -> dict[str, Any] | None:
+        for n in survivors:
+            view = await job_view(n, job)
+            if view is not None and view.get("role") == "coordinator" and view.get("status") == "done":
+                return view
+        return None
+
+    view = await poll(done_somewhere, 90.0, "the job done at a new coordinator", context, interval=0.2)
+    hist = view["history"]
+    assert [h["round"] for h in hist] == list(range(rounds)), f"{tag}: {hist}"
+    assert any(f["node"] == f"{coord.id:016x}" for f in view["failures"]), f"{tag}: {view['failures']}"
+    assert all(h["members"] in (0, 4) or h["round"] <= 2 for h in hist), f"{tag}: {hist}"
+    assert hist[-1]["participants"] == 4, f"{tag}: the last round counts the 4 survivors: {hist[-1]}"
