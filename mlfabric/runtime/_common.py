@@ -9,6 +9,8 @@ lane's own framing (and its much larger limits) takes over. No torch here.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Final
 
 from mlfabric.errors import MlfabricError, RemoteProtocolError
@@ -96,3 +98,23 @@ def peername(tcp: object) -> str:
         host = str(name[0])
         return f"[{host}]:{name[1]}" if ":" in host else f"{host}:{name[1]}"
     return "?"
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix:
+    a temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -41,6 +41,7 @@ from mlfabric.core.events import (
 from mlfabric.core.node import NodeCore
 from mlfabric.core.ring import BITS, ring_id
 from mlfabric.errors import ConfigError
+from mlfabric.runtime._common import write_atomic
 from mlfabric.runtime.bulk import BlobHandler
 from mlfabric.runtime.control import ControlServer, Response
 from mlfabric.runtime.driver import NodeDriver
@@ -62,20 +63,7 @@ KEY_LEN = 32
 # -------------------------------------------------------------------- identity and files
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+_write_atomic = write_atomic
 
 
 def load_identity(data_dir: Path) -> bytes:

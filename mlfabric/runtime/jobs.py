@@ -61,6 +61,7 @@ from mlfabric.core.events import Event, PeerDied, PeerPurged
 from mlfabric.core.placement import Mesh, shard_key
 from mlfabric.core.ring import ring_id
 from mlfabric.errors import ConfigError, RemoteProtocolError
+from mlfabric.runtime._common import write_atomic
 from mlfabric.wire.blob import TensorBlob
 from mlfabric.wire.messages import (
     MAX_PEER_LIST,
@@ -128,20 +129,6 @@ def _unbitmap(data: bytes, n: int) -> frozenset[int]:
         raise RemoteProtocolError("contributor bitmap of the wrong length")
     out = {i for i in range(n) if data[i >> 3] >> (i & 7) & 1}
     return frozenset(out)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _TensorStrategy:
@@ -797,7 +784,7 @@ class JobService:
     def _persist(self, st: CoordinatorState) -> None:
         d = self.dir / st.spec.job_id
         d.mkdir(parents=True, exist_ok=True)
-        _write_atomic(d / "job.json", st.to_json().encode())
+        write_atomic(d / "job.json", st.to_json().encode(), 0o644)
 
     # ------------------------------------------------------------------ member
 
