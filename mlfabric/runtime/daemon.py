@@ -63,9 +63,6 @@ KEY_LEN = 32
 # -------------------------------------------------------------------- identity and files
 
 
-_write_atomic = write_atomic
-
-
 def load_identity(data_dir: Path) -> bytes:
     """The node key in ``data_dir`` (created on first start). Raises ConfigError if it is unusable."""
     path = data_dir / KEY_FILE
@@ -73,7 +70,7 @@ def load_identity(data_dir: Path) -> bytes:
         key = path.read_bytes()
     except FileNotFoundError:
         key = secrets.token_bytes(KEY_LEN)
-        _write_atomic(path, key, 0o600)
+        write_atomic(path, key, 0o600)
         logger.info("created node key %s", path)
         return key
     except OSError as exc:
@@ -94,7 +91,7 @@ def next_incarnation(data_dir: Path) -> int:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read incarnation file {path}: {exc}") from None
     current = max(previous + 1, 0)
-    _write_atomic(path, f"{current}\n".encode(), 0o644)
+    write_atomic(path, f"{current}\n".encode(), 0o644)
     return current
 
 
@@ -240,7 +237,7 @@ class Daemon:
             self.control_address = await self.control.start(chost, cport)
         except OSError as exc:
             raise ConfigError(f"cannot listen on control {settings.control}: {exc.strerror or exc}") from None
-        _write_atomic(self.data_dir / CONTROL_FILE, self.control_address.encode() + b"\n", 0o644)
+        write_atomic(self.data_dir / CONTROL_FILE, self.control_address.encode() + b"\n", 0o644)
         self.driver.start(list(settings.seeds))
 
     async def stop(self, *, leave: bool = True, timeout: float | None = None) -> None:
