@@ -304,7 +304,7 @@ class JobService:
                 continue
             if state.status == "running":
                 self.coord[state.spec.job_id] = state
-                self._spawn(self._resume(state), f"resume {state.spec.job_id}")
+                self._spawn(self._resume(state, restart=True), f"resume {state.spec.job_id}")
 
     def leaving(self) -> None:
         """Graceful stop: tell each job's coordinator we go; a coordinator hands its jobs to its successor.
@@ -567,7 +567,7 @@ class JobService:
         self._persist(state)
         self._spawn(self._resume(state), f"start {spec.job_id}")
 
-    async def _resume(self, state: CoordinatorState) -> None:
+    async def _resume(self, state: CoordinatorState, *, restart: bool = False) -> None:
         """Gather members (one announce round the ring), then run the next round."""
         driver = self.daemon.driver
         assert driver is not None
@@ -577,7 +577,7 @@ class JobService:
             if core.chord.joined:
                 break
             await asyncio.sleep(0.1)
-        resumed = bool(state.roster)
+        resumed = restart and bool(state.roster)
         if resumed:
             # A restart: the record's addresses may be stale (nodes restart on new ports). Wait, bounded,
             # for the members to say where they are now, through the announce or their own JobJoin.
@@ -665,7 +665,7 @@ class JobService:
             state.status = "done"
             self._persist(state)
             return
-        await self._resume(state)
+        await self._resume(state, restart=True)
 
     async def _announce(self, state: CoordinatorState) -> None:
         job = state.spec.job_id
