@@ -91,6 +91,7 @@ JOB_MESSAGES = (JobSubmit, JobAnnounce, JobJoin, RoundStart, AggAck, AggSecured,
 PARTIAL_BLOB = "agg"
 FINAL_BLOB = "fin"
 MAX_BITMAP = MAX_PEER_LIST // 8
+MAX_STASH_PER_INSTANCE = 64
 RESUME_WAIT = 15.0  # seconds a restarted coordinator waits for the job's members to come back
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -494,7 +495,12 @@ class JobService:
         if rnd is not None and rnd.number == rnd_no:
             n = len(rnd.members)
         else:
-            self._stash.setdefault(key, []).append((src.id, (name, seq, bitmap, weight, flag, tensor)))
+            # Early (the RoundStart is still on its way): keep it for the round, bounded per instance
+            # and in instances, dropping the oldest (the sender's ack timeout resends what matters).
+            held = self._stash.setdefault(key, [])
+            if len(held) >= MAX_STASH_PER_INSTANCE:
+                held.pop(0)
+            held.append((src.id, (name, seq, bitmap, weight, flag, tensor)))
             if len(self._stash) > 64:
                 self._stash.pop(next(iter(self._stash)))
             return True
