@@ -492,6 +492,8 @@ class JobService:
         self.addresses[src.id] = src.address
         key = (job, rnd_no, shard)
         rnd = self.rounds.get(job)
+        if rnd is None or rnd.number != rnd_no:
+            rnd = self.finishing.get(job)  # a late result (or partial) of the previous round
         if rnd is not None and rnd.number == rnd_no:
             n = len(rnd.members)
         else:
@@ -962,13 +964,13 @@ class JobService:
         assert transport is not None
         job, r, s = msg.key
         if isinstance(msg, Partial):
-            rnd = self.rounds.get(job)
+            rnd = self._round_of(job, r)
             n = len(rnd.members) if rnd is not None else 0
             meta = msgpack.packb([job, r, s, msg.seq, _bitmap(msg.contributors, n), msg.payload.weight, msg.repair])
             self.counters["partials_sent"] += 1
             self._bulk(dest, address, PARTIAL_BLOB, msg.payload.weighted_sum, meta)
         elif isinstance(msg, Final):
-            rnd = self.rounds.get(job)
+            rnd = self._round_of(job, r)
             n = len(rnd.members) if rnd is not None else 0
             tensor = self._final_tensor(msg)
             meta = msgpack.packb([job, r, s, 0, _bitmap(msg.contributors, n), 0, False])
@@ -985,6 +987,12 @@ class JobService:
             transport.send_nowait(address, AggAbstain(job, r, s))
         elif isinstance(msg, ResultRequest):
             transport.send_nowait(address, AggResultRequest(job, r, s))
+
+    def _round_of(self, job: str, number: int) -> _Round | None:
+        for rnd in (self.rounds.get(job), self.finishing.get(job)):
+            if rnd is not None and rnd.number == number:
+                return rnd
+        return None
 
     def _final_tensor(self, msg: Final[Any]) -> Any:
         """The averaged shard, computed once per result (the root sends it to every member).
