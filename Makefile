@@ -86,11 +86,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: bootstrap
-	@if [ -f benchmarks/run.py ]; then \
-	  $(PY) benchmarks/run.py; \
-	else \
-	  $(VENV)/bin/mlfabric sim ring --nodes $(BENCH_NODES) --seed 1 --lookups $(BENCH_LOOKUPS) --json; \
-	fi
+	$(VENV)/bin/mlfabric sim ring --nodes $(BENCH_NODES) --seed 1 --lookups $(BENCH_LOOKUPS) --json
+	$(VENV)/bin/mlfabric sim aggregate --nodes 1000 --parents 2 --kill-aggregators 50 --rounds 20 --seed 1 --json
+	$(VENV)/bin/mlfabric sim aggregate --nodes 1000 --parents 1 --kill-aggregators 50 --rounds 20 --seed 1 --json
+	$(PY) benchmarks/aggregate_round.py --shards 8
 
 clean:
 	rm -rf .pytest_cache .hypothesis .ruff_cache build dist *.egg-info
