@@ -640,3 +640,44 @@ async def test_job_survives_the_loss_of_its_coordinator(clusters, monkeypatch, h
     assert any(f["node"] == f"{coord.id:016x}" for f in view["failures"]), f"{tag}: {view['failures']}"
     assert all(h["members"] in (0, 4) or h["round"] <= 2 for h in hist), f"{tag}: {hist}"
     assert hist[-1]["participants"] == 4, f"{tag}: the last round counts the 4 survivors: {hist[-1]}"
+
+
+# -------------------------------------------------------------------- 7: a sample of trainers per round
+
+
+async def test_nodes_per_round_samples_trainers_and_the_rest_relay(clusters, monkeypatch) -> None:
+    """``--nodes-per-round 3`` on 5 daemons: every round counts exactly 3 updates (the sampled
+    trainers), the sample changes between rounds, the others relay without being waited for, and the
+    probe sums stay exact."""
+    cluster = clusters(5)
+    job, rounds = f"sample-{SEED}", 4
+    tag = f"seed={SEED} job={job} workdir={cluster.workdir}"
+
+    def context() -> str:
+        return tag + "\n" + "\n".join(f"--- node{n.index}\n{log_tail(n)}" for n in cluster.nodes)
+
+    await ring_converged(cluster.nodes, context)
+    submitted = await api_submit(cluster.nodes[1], job_id=job, task=PROBE, rounds=rounds, shard_bytes=4096,
+                                 nodes_per_round=3)
+    coord = by_id(cluster, submitted["coordinator"]["id"])
+    view = await wait_done(coord, job, 60.0, context)
+    hist = view["history"]
+    assert [h["round"] for h in hist] == list(range(rounds)), f"{tag}: {hist}"
+    samples = []
+    for h in hist:
+        assert h["members"] == 5 and h["participants"] == 3, f"{tag}: {h}"
+        sets = {tuple(c) for c in h["contributors"]}
+        assert len(sets) == 1, f"{tag}: every shard counts the same 3 trainers: {h['contributors']}"
+        samples.append(sets.pop())
+        assert h["seconds"] < 5.0, f"{tag}: round {h['round']} waited for non-trainers: {h['seconds']} s"
+    assert len(set(samples)) > 1, f"{tag}: the sample should change between rounds: {samples}"
+    # The last round's model: every shard is the mean of (roster index + 1) over its 3 trainers.
+    roster = sorted(int(x, 16) for x in view["member_ids"])
+    import torch
+
+    expected = torch.tensor(sum(roster.index(int(x, 16)) + 1 for x in samples[-1]), dtype=torch.float32) / 3
+    for node in cluster.nodes:
+        got = checkpoint(node, job)
+        assert got is not None, f"{tag}: node{node.index} has no checkpoint"
+        tensors, meta = got
+        assert meta["version"] == rounds and torch.all(tensors["value"] == expected), f"{tag}: node{node.index}"
