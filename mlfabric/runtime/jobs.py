@@ -497,14 +497,7 @@ class JobService:
         if rnd is not None and rnd.number == rnd_no:
             n = len(rnd.members)
         else:
-            # Early (the RoundStart is still on its way): keep it for the round, bounded per instance
-            # and in instances, dropping the oldest (the sender's ack timeout resends what matters).
-            held = self._stash.setdefault(key, [])
-            if len(held) >= MAX_STASH_PER_INSTANCE:
-                held.pop(0)
-            held.append((src.id, (name, seq, bitmap, weight, flag, tensor)))
-            if len(self._stash) > 64:
-                self._stash.pop(next(iter(self._stash)))
+            self._hold(key, (src.id, (name, seq, bitmap, weight, flag, tensor)))  # early: its round comes
             return True
         self._deliver_blob(src.id, key, n, name, seq, bitmap, weight, flag, tensor, FedPartial)
         return True
@@ -527,8 +520,24 @@ class JobService:
         self._pump()
 
     def _agg_receive(self, job: str, rnd_no: int, shard: int, msg: Any) -> None:
+        cur = self.rounds.get(job)
+        if self._round_of(job, rnd_no) is None and (cur is None or rnd_no > cur.number):
+            # A round we have not started yet (its RoundStart, or our model's loading, is still under
+            # way): keep the message for it, like early blobs.
+            self._hold((job, rnd_no, shard), (-1, msg))
+            return
         self.agg.receive(self.loop.time(), msg)
         self._pump()
+
+    def _hold(self, key: tuple[str, int, int], item: tuple[int, Any]) -> None:
+        """Keep something for an instance not started yet, bounded per instance and in instances,
+        dropping the oldest (the sender's ack timeout resends what matters)."""
+        held = self._stash.setdefault(key, [])
+        if len(held) >= MAX_STASH_PER_INSTANCE:
+            held.pop(0)
+        held.append(item)
+        if len(self._stash) > 64:
+            self._stash.pop(next(iter(self._stash)))
 
     def on_unreachable(self, address: str) -> None:
         for node, addr in list(self.addresses.items()):
@@ -864,6 +873,9 @@ class JobService:
             for src_id, item in self._stash.pop((name, msg.round, s), []):
                 from mlfabric.learn.strategy import Partial as FedPartial
 
+                if src_id < 0:  # a control message (ack, abstain, ...) that came before the round
+                    self.agg.receive(self.loop.time(), item)
+                    continue
                 blob_name, seq, bitmap, weight, flag, tensor = item
                 self._deliver_blob(src_id, (name, msg.round, s), n, blob_name, seq, bitmap, weight, flag, tensor,
                                    FedPartial)
