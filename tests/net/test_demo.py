@@ -9,13 +9,22 @@ import sys
 
 import pytest
 
+from mlfabric.runtime.cluster import cluster_down
+
 pytestmark = [pytest.mark.net, pytest.mark.slow]
 
 
 def test_demo_trains_through_an_aggregator_kill(tmp_path) -> None:
     plot = tmp_path / "demo.png"
-    done = subprocess.run([sys.executable, "-m", "mlfabric", "demo", "--workdir", str(tmp_path / "wd"),
-                           "--plot", str(plot)], capture_output=True, text=True, timeout=280, check=False)
+    try:
+        done = subprocess.run([sys.executable, "-m", "mlfabric", "demo", "--workdir", str(tmp_path / "wd"),
+                               "--plot", str(plot)], capture_output=True, text=True, timeout=280, check=False)
+    except subprocess.TimeoutExpired:
+        # The demo was killed: its daemons (own sessions) would outlive it. Stop both clusters.
+        for run in ("run-failure", "run-reference"):
+            if (tmp_path / "wd" / run).exists():
+                cluster_down(tmp_path / "wd" / run, timeout=5.0)
+        raise
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
     assert out.rstrip().endswith("OK")
