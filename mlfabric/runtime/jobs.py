@@ -160,6 +160,21 @@ class _Round:
     train_loss: float | None = None
 
 
+def _history_entry(number: int, rnd: _Round | None, loss: float, acc: float, seconds: float) -> dict[str, Any]:
+    """One round of a job's record. ``rnd``: the round as this node saw it (None: not seen here)."""
+    entry: dict[str, Any] = {
+        "round": number, "participants": 0, "members": 0, "test_loss": round(loss, 5),
+        "test_accuracy": round(acc, 5), "train_loss": None, "seconds": round(seconds, 3), "time_unix": time.time()}
+    if rnd is not None and rnd.number == number:
+        entry["participants"] = min((len(c) for c in rnd.contributors.values()), default=0)
+        entry["members"] = len(rnd.members)
+        entry["train_loss"] = rnd.train_loss
+        if len(rnd.members) <= 64:  # small jobs keep who was counted, shard by shard
+            entry["contributors"] = [sorted(f"{m:016x}" for m in rnd.contributors.get(s, ()))
+                                     for s in range(len(rnd.meshes))]
+    return entry
+
+
 class LocalJob:
     """This node's part in one job: the global model, its data, the round in progress."""
 
@@ -283,6 +298,7 @@ class JobService:
         self.coordinator_of: dict[str, Peer] = {}  # job -> who sent us its last RoundStart
         self.finishing: dict[str, _Round] = {}  # job -> the previous round, kept for late results
         self._refused: set[str] = set()
+        self._final_cache: tuple[Any, Any] | None = None  # (result payload, its average): one finalize per result
         self._confirmed: dict[str, set[int]] = {}  # job -> members heard from since a resume began
         self.dead: set[int] = set()
         self.addresses: dict[int, str] = {}
@@ -488,7 +504,6 @@ class JobService:
             if job not in self.jobs and job not in self.coordinator_of:
                 raise RemoteProtocolError(f"blob for job {job!r}, which this node does not take part in")
             # Only now torch (valid header, a job we run): garbage never makes a node import it.
-            from mlfabric.learn.strategy import Partial as FedPartial
             from mlfabric.learn.tensorio import tensor_from_blob
 
             tensor = tensor_from_blob(blob)
@@ -507,11 +522,13 @@ class JobService:
         else:
             self._hold(key, (src.id, (name, seq, bitmap, weight, flag, tensor)))  # early: its round comes
             return True
-        self._deliver_blob(src.id, key, n, name, seq, bitmap, weight, flag, tensor, FedPartial)
+        self._deliver_blob(src.id, key, n, name, seq, bitmap, weight, flag, tensor)
         return True
 
     def _deliver_blob(self, src: int, key: tuple[str, int, int], n: int, name: str, seq: int, bitmap: bytes,
-                      weight: int, flag: bool, tensor: Any, fed_partial: Any) -> None:
+                      weight: int, flag: bool, tensor: Any) -> None:
+        from mlfabric.learn.strategy import Partial as FedPartial
+
         try:
             contributors = _unbitmap(bitmap, n)
         except RemoteProtocolError as exc:
@@ -520,7 +537,7 @@ class JobService:
             return
         if name == PARTIAL_BLOB:
             self.counters["partials_received"] += 1
-            msg: Any = Partial(key, src, seq, contributors, fed_partial(tensor, weight), repair=flag)
+            msg: Any = Partial(key, src, seq, contributors, FedPartial(tensor, weight), repair=flag)
         else:
             self.counters["finals_received"] += 1
             msg = Final(key, src, contributors, tensor if tensor.numel() else None)
@@ -669,14 +686,9 @@ class JobService:
         if local is not None and local.version > state.next_round:
             # We finished a round the dead coordinator did not record: record it (evaluated here) and go on.
             loss, acc = await asyncio.to_thread(local.evaluate)
-            rnd = self.rounds.get(name)
-            done_here = rnd is not None and rnd.number == local.version - 1
-            state.history.append({"round": local.version - 1,
-                                  "participants": min((len(c) for c in rnd.contributors.values()), default=0)
-                                  if done_here else 0,
-                                  "members": len(rnd.members) if done_here else 0,
-                                  "test_loss": round(loss, 5), "test_accuracy": round(acc, 5), "train_loss": None,
-                                  "seconds": 0.0, "time_unix": time.time(), "recorded_by": "successor"})
+            entry = _history_entry(local.version - 1, self._round_of(name, local.version - 1), loss, acc, 0.0)
+            entry["recorded_by"] = "successor"
+            state.history.append(entry)
             state.next_round = local.version
         state.members = {i: a for i, a in state.members.items() if i not in self.dead}
         state.failures.append({"node": f"{dead or 0:016x}", "round": state.next_round, "how": "coordinator gone (died or left)",
@@ -776,15 +788,7 @@ class JobService:
         if st is None or st.next_round != rnd.number:
             return
         duration = self.loop.time() - rnd.started
-        counts = [len(c) for c in rnd.contributors.values()]
-        entry: dict[str, Any] = {
-            "round": rnd.number, "participants": min(counts, default=0), "members": len(rnd.members),
-            "test_loss": round(loss, 5), "test_accuracy": round(acc, 5), "train_loss": rnd.train_loss,
-            "seconds": round(duration, 3), "time_unix": time.time()}
-        if len(rnd.members) <= 64:  # small jobs keep who was counted, shard by shard
-            entry["contributors"] = [sorted(f"{m:016x}" for m in rnd.contributors[s])
-                                     for s in range(len(rnd.meshes))]
-        st.history.append(entry)
+        st.history.append(_history_entry(rnd.number, rnd, loss, acc, duration))
         st.next_round = rnd.number + 1
         if st.next_round >= st.spec.rounds:
             st.status = "done"
@@ -879,14 +883,11 @@ class JobService:
             self.agg.start(now, (name, msg.round, s), mesh, contributor=contributor, expected=trainer_ids)
         for s in range(len(meshes)):
             for src_id, item in self._stash.pop((name, msg.round, s), []):
-                from mlfabric.learn.strategy import Partial as FedPartial
-
                 if src_id < 0:  # a control message (ack, abstain, ...) that came before the round
                     self.agg.receive(self.loop.time(), item)
                     continue
                 blob_name, seq, bitmap, weight, flag, tensor = item
-                self._deliver_blob(src_id, (name, msg.round, s), n, blob_name, seq, bitmap, weight, flag, tensor,
-                                   FedPartial)
+                self._deliver_blob(src_id, (name, msg.round, s), n, blob_name, seq, bitmap, weight, flag, tensor)
         self._pump()
         if not contributor:
             if job.version != msg.round:
@@ -1021,8 +1022,7 @@ class JobService:
             import torch
 
             return torch.empty(0, dtype=torch.float32)
-        cache = getattr(self, "_final_cache", None)
-        if cache is None or cache[0] is not msg.payload:
+        if self._final_cache is None or self._final_cache[0] is not msg.payload:
             from mlfabric.learn.strategy import finalize
 
             self._final_cache = (msg.payload, finalize(msg.payload))
