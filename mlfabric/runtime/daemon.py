@@ -46,7 +46,7 @@ from mlfabric.runtime.bulk import BlobHandler
 from mlfabric.runtime.control import ControlServer, Response
 from mlfabric.runtime.driver import NodeDriver
 from mlfabric.runtime.jobs import JOB_MESSAGES, JobService, submit_query_to_spec
-from mlfabric.runtime.systemd import SystemdNotifier, notify_lifecycle
+from mlfabric.runtime.systemd import SystemdNotifier, first_join_bound, notify_lifecycle
 from mlfabric.runtime.transport import Transport
 from mlfabric.wire.blob import TensorBlob
 from mlfabric.wire.messages import Message, Peer
@@ -270,6 +270,12 @@ class Daemon:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    async def wait_joined(self, timeout: float | None) -> None:
+        """Return once this node has joined the ring (at once if it has); TimeoutError after ``timeout`` s."""
+        assert self.core is not None and self.driver is not None, "daemon not started"
+        if not self.core.chord.joined:
+            await self.driver.wait_for(lambda event: isinstance(event, Joined), timeout, include_past=True)
+
     def request_stop(self) -> None:
         if self._stop_requested is not None:
             self._stop_requested.set()
@@ -290,7 +296,10 @@ class Daemon:
             print(f"mlfabric node {self.node_id:016x} listening on {self.address} control {self.control_address}",
                   file=out, flush=True)
             if notifier.enabled:
-                notify_task = loop.create_task(notify_lifecycle(self, notifier), name="systemd-notify")
+                notify_task = loop.create_task(notify_lifecycle(
+                    notifier, self.wait_joined, node_id=self.node_id, address=self.address,
+                    control=self.control_address, seeds=self.settings.seeds, bound=first_join_bound(self.settings),
+                ), name="systemd-notify")
             assert self._stop_requested is not None
             await self._stop_requested.wait()
         finally:

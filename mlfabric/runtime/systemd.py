@@ -28,15 +28,14 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-from mlfabric.core.events import Event, Joined
-
-if TYPE_CHECKING:
-    from mlfabric.runtime.daemon import Daemon
+from mlfabric.config import Settings
 
 logger = logging.getLogger(__name__)
+
+WaitJoined = Callable[[float | None], Awaitable[object]]
+"""``wait_joined(timeout)``: returns once the node has joined (at once if it has); TimeoutError after ``timeout``."""
 
 MAX_DATAGRAM = 4096  # our messages are a few lines; systemd accepts far more
 
@@ -145,48 +144,64 @@ class SystemdNotifier:
             self._sock = None
 
 
-def first_join_bound(daemon: Daemon) -> float:
+def first_join_bound(settings: Settings) -> float:
     """Seconds by which the first join attempt has joined or given up and scheduled a retry.
 
     Each seed is tried in turn (Chord §4.4 join through a known node): a dead one costs at most a TCP
     connect (``transport.connect_timeout``) plus the unanswered request (``overlay.rpc_timeout``); a live
     seed answers in a few round trips. A seedless node creates its ring at once.
     """
-    s = daemon.settings
+    s = settings
     return len(s.seeds) * (s.transport.connect_timeout + s.overlay.rpc_timeout) + s.overlay.rpc_timeout
 
 
-async def notify_lifecycle(daemon: Daemon, notifier: SystemdNotifier) -> None:
-    """Run beside a started daemon until cancelled: watchdog pings, READY=1 (see the module docstring),
-    then a STATUS update when a late join succeeds. STOPPING=1 is the daemon's to send."""
+async def notify_lifecycle(
+    notifier: SystemdNotifier,
+    wait_joined: WaitJoined,
+    *,
+    node_id: int,
+    address: str,
+    control: str | None,
+    seeds: Sequence[str],
+    bound: float,
+) -> None:
+    """Run beside a started node until cancelled: watchdog pings, READY=1 (see the module docstring),
+    then a STATUS update when a late join succeeds. STOPPING=1 is the daemon's to send.
+
+    ``wait_joined(timeout)`` returns once the node has joined the ring (at once if it already has) and
+    raises TimeoutError after ``timeout`` seconds (None: no limit). ``node_id``, ``address``, ``control``
+    and ``seeds`` only go into STATUS= and the log; ``bound`` is :func:`first_join_bound`.
+    """
     if not notifier.enabled:
         return
     try:
-        await _notify_lifecycle(daemon, notifier)
+        await _notify_lifecycle(notifier, wait_joined, node_id, address, control, seeds, bound)
     except Exception:  # a bug here must not take the node down; systemd's timeouts will show it
         logger.exception("systemd notification failed")
 
 
-async def _notify_lifecycle(daemon: Daemon, notifier: SystemdNotifier) -> None:
-    assert daemon.driver is not None and daemon.core is not None
+async def _notify_lifecycle(
+    notifier: SystemdNotifier,
+    wait_joined: WaitJoined,
+    node_id: int,
+    address: str,
+    control: str | None,
+    seeds: Sequence[str],
+    bound: float,
+) -> None:
     async with asyncio.TaskGroup() as tg:
         tg.create_task(notifier.ping_watchdog(), name="systemd-watchdog")
-        joined = daemon.core.chord.joined
-
-        def is_joined(event: Event) -> bool:
-            return isinstance(event, Joined)
-
-        if not joined:
-            with contextlib.suppress(TimeoutError):
-                await daemon.driver.wait_for(is_joined, first_join_bound(daemon), include_past=True)
-                joined = True
-        where = f"node {daemon.node_id:016x} on {daemon.address}, control {daemon.control_address}"
+        joined = False
+        with contextlib.suppress(TimeoutError):
+            await wait_joined(bound)
+            joined = True
+        where = f"node {node_id:016x} on {address}, control {control}"
         if joined:
             notifier.ready(f"joined the ring: {where}")
             return  # the watchdog task keeps the group (and this coroutine) alive
-        seeds = ", ".join(daemon.settings.seeds)
-        notifier.ready(f"listening, still joining through {seeds}: {where}")
+        listed = ", ".join(seeds)
+        notifier.ready(f"listening, still joining through {listed}: {where}")
         logger.warning("not joined within %.1fs of start: told systemd READY=1, still retrying seeds %s",
-                       first_join_bound(daemon), seeds)
-        await daemon.driver.wait_for(is_joined, None, include_past=True)
+                       bound, listed)
+        await wait_joined(None)
         notifier.status(f"joined the ring: {where}")

@@ -193,10 +193,13 @@ async def test_ready_while_seeds_are_down_then_status_when_joined(
     node = await daemon_factory(seeds=[seed_address])
     notifier = SystemdNotifier(address)
     started = time.monotonic()
-    task = asyncio.get_running_loop().create_task(notify_lifecycle(node, notifier))
+    bound = first_join_bound(node.settings)
+    task = asyncio.get_running_loop().create_task(notify_lifecycle(
+        notifier, node.wait_joined, node_id=node.node_id, address=node.address, control=node.control_address,
+        seeds=node.settings.seeds, bound=bound))
     try:
-        ready = await fake.wait_for("READY=1", first_join_bound(node) + 5)
-        assert time.monotonic() - started >= first_join_bound(node) - 0.1
+        ready = await fake.wait_for("READY=1", bound + 5)
+        assert time.monotonic() - started >= bound - 0.1
         assert any(x.startswith("STATUS=listening, still joining through " + seed_address)
                    for x in fake.messages[ready][1].splitlines())
         assert node.core is not None and not node.core.chord.joined
