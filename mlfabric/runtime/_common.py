@@ -1,16 +1,14 @@
-"""Pieces shared by the control lane (transport.py) and the bulk lane (bulk.py).
+"""The wire pieces shared by the control lane (transport.py) and the bulk lane (bulk.py).
 
 One TCP port serves both lanes; the dialler's first byte names the lane (``LANE_CONTROL`` or
 ``LANE_BULK``), then both lanes run the same handshake (wire/handshake.py) in length-prefixed frames.
 Handshake frames are tiny, so they are split off the stream with a tight size limit before the
-lane's own framing (and its much larger limits) takes over. No torch here.
+lane's own framing (and its much larger limits) takes over. The connection table and the connection
+base class the lanes share are in conns.py. No torch here.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from pathlib import Path
 from typing import Final
 
 from mlfabric.errors import MlfabricError, RemoteProtocolError
@@ -22,32 +20,6 @@ LANE_CONTROL: Final = b"C"
 LANE_BULK: Final = b"B"
 HANDSHAKE_MAX_FRAME: Final = 1024  # Hello/HelloAck are < 400 bytes: a bigger "handshake" is garbage
 HANDSHAKE_MESSAGES: Final = (Hello, HelloAck, AuthProof)
-
-# connection states
-LANE, HANDSHAKE, OPEN, CLOSED = "lane", "handshake", "open", "closed"
-
-COUNTERS: Final = (
-    "frames_in",
-    "frames_out",
-    "bytes_in",
-    "bytes_out",
-    "bad_frames",
-    "auth_failures",
-    "handshake_timeouts",
-    "dropped_frames",
-    "connections_in",
-    "connections_out",
-    "connect_failures",
-    "rejected_connections",
-    "idle_closed",
-    "handler_errors",
-    "bulk_in",
-    "bulk_out",
-    "bulk_bytes_in",
-    "bulk_bytes_out",
-)
-
-logger = logging.getLogger("mlfabric.runtime.transport")
 
 
 class TransportError(MlfabricError):
@@ -98,23 +70,3 @@ def peername(tcp: object) -> str:
         host = str(name[0])
         return f"[{host}]:{name[1]}" if ":" in host else f"{host}:{name[1]}"
     return "?"
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix:
-    a temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

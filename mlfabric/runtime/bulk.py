@@ -26,35 +26,26 @@ Must not import torch (learn/ converts blobs to tensors).
 from __future__ import annotations
 
 import asyncio
+import logging
 import mmap
 import secrets
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from mlfabric.config import parse_address
 from mlfabric.errors import LocalProtocolError, RemoteProtocolError
-from mlfabric.runtime._common import (
-    CLOSED,
-    HANDSHAKE,
-    HANDSHAKE_MAX_FRAME,
-    LANE_BULK,
-    OPEN,
-    HandshakeFrames,
-    TransportError,
-    logger,
-    peername,
-)
+from mlfabric.runtime._common import HANDSHAKE_MAX_FRAME, LANE_BULK, HandshakeFrames, TransportError, peername
+from mlfabric.runtime.conns import CLOSED, HANDSHAKE, OPEN, Conn, ConnectionTable
 from mlfabric.wire.blob import MAX_NAME, TensorBlob, pack_header, unpack_header
 from mlfabric.wire.codec import decode, encode
 from mlfabric.wire.framing import HEADER, frame
 from mlfabric.wire.handshake import DialerHandshake, ListenerHandshake
 from mlfabric.wire.messages import NONCE_LEN, Peer
 
-if TYPE_CHECKING:
-    from mlfabric.runtime.transport import Transport
-
 __all__ = ["BulkLane", "BlobHandler"]
+
+logger = logging.getLogger(__name__)
 
 BlobHandler = Callable[[Peer, str, TensorBlob], None]
 Allocator = Callable[[Peer, str, str, tuple[int, ...], int], "bytearray | memoryview | mmap.mmap | None"]
@@ -80,31 +71,26 @@ def allocate_payload(nbytes: int) -> bytearray | mmap.mmap:
 _HS_LEN, _HS_BODY, _HDR_LEN, _HDR_BODY, _PAYLOAD = range(5)
 
 
-class _BulkReceiver(asyncio.BufferedProtocol):
+class _BulkReceiver(Conn, asyncio.BufferedProtocol):
     """Listener side of a bulk connection; takes over the TCP transport after the lane byte."""
 
-    outbound = False
+    tcp: asyncio.Transport
 
     def __init__(self, lane: BulkLane, tcp: asyncio.Transport, remote: str) -> None:
+        table = lane.table
+        super().__init__(table, outbound=False, state=HANDSHAKE, remote=remote, tcp=tcp)
         self.lane = lane
-        self.owner = lane.owner
-        self.tcp = tcp
-        self.remote = remote
-        self.peer: Peer | None = None
-        self.state = HANDSHAKE
-        assert self.owner.me is not None
-        self.hs = ListenerHandshake(self.owner.me, self.owner.key, secrets.token_bytes(NONCE_LEN))
-        self.last_active_at = self.owner.loop.time()
+        assert table.me is not None
+        self.hs = ListenerHandshake(table.me, table.key, secrets.token_bytes(NONCE_LEN))
         self._small = bytearray(HEADER)
         self._view = memoryview(self._small)
         self._pos = 0
         self._phase = _HS_LEN
         self._header: tuple[str, str, tuple[int, ...], bytes] | None = None
         self._payload: bytearray | memoryview | mmap.mmap | None = None
-        self._timer: asyncio.TimerHandle | None = None
 
     def start(self, rest: bytes) -> None:
-        self._timer = self.owner.loop.call_later(self.owner.cfg.handshake_timeout, self._handshake_expired)
+        self._arm_handshake_timer()
         self.tcp.set_protocol(self)
         view = memoryview(rest)
         while view and self.state != CLOSED:  # the few bytes read together with the lane byte
@@ -122,16 +108,16 @@ class _BulkReceiver(asyncio.BufferedProtocol):
         if self.state == CLOSED:
             return
         self._pos += nbytes
-        self.owner.counters["bytes_in"] += nbytes
-        self.last_active_at = self.owner.loop.time()
+        self.table.counters["bytes_in"] += nbytes
+        self.last_active_at = self.table.loop.time()
         if self._pos < len(self._view):
             return
         try:
             self._complete()
         except RemoteProtocolError as exc:
-            self.owner._remote_error(self, exc)
+            self.table.remote_error(self, exc)
         except Exception:  # our bug (e.g. an allocate hook): close this connection, keep the node serving
-            self.owner.counters["handler_errors"] += 1
+            self.table.counters["handler_errors"] += 1
             logger.exception("closing %s: local error while receiving", self.describe())
             self.abort()
 
@@ -142,7 +128,7 @@ class _BulkReceiver(asyncio.BufferedProtocol):
         self.state = CLOSED
         self._cancel_timer()
         self._payload = None
-        self.owner._lost(self, exc)
+        self.table.lost(self)
 
     # ---------------------------------------------------------------- protocol
 
@@ -174,7 +160,7 @@ class _BulkReceiver(asyncio.BufferedProtocol):
         elif phase == _HDR_LEN:
             self._expect(bytearray(self._length(MAX_HEADER, "tensor header")), _HDR_BODY)
         elif phase == _HDR_BODY:
-            name, dtype, shape, nbytes, meta = unpack_header(bytes(self._view), self.owner.cfg.max_bulk_bytes)
+            name, dtype, shape, nbytes, meta = unpack_header(bytes(self._view), self.table.cfg.max_bulk_bytes)
             self._header = (name, dtype, shape, meta)
             if nbytes == 0:
                 self._deliver(bytearray())
@@ -193,69 +179,40 @@ class _BulkReceiver(asyncio.BufferedProtocol):
         self._header = None
         self._expect(self._small, _HDR_LEN)
         blob = TensorBlob(dtype=dtype, shape=shape, data=memoryview(payload), meta=meta)
-        counters = self.owner.counters
+        counters = self.table.counters
         counters["bulk_in"] += 1
         counters["bulk_bytes_in"] += len(payload)
         self.lane._deliver(self.peer, name, blob)
         if self.state == OPEN:
             self._write(ACK)
 
-    def _handshake_expired(self) -> None:
-        self._timer = None
-        if self.state == HANDSHAKE:
-            self.owner.counters["handshake_timeouts"] += 1
-            logger.warning("closing inbound bulk connection from %s: no handshake within %.1fs",
-                           self.remote, self.owner.cfg.handshake_timeout)
-            self.abort()
+    # ---------------------------------------------------------------- used by the table
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _write(self, data: bytes) -> None:
-        self.tcp.write(data)
-        self.owner.counters["bytes_out"] += len(data)
-
-    # ---------------------------------------------------------------- used by the Transport
+    def buffered(self) -> int:
+        return self._pos
 
     def describe(self) -> str:
         who = f" (node {self.peer.id:#018x} at {self.peer.address})" if self.peer else ""
         return f"inbound bulk connection from {self.remote}{who}"
 
     def busy(self) -> bool:
-        return self._phase in (_HDR_BODY, _PAYLOAD) or self.tcp.get_write_buffer_size() > 0
-
-    def abort(self) -> None:
-        self.state = CLOSED
-        self._cancel_timer()
-        self.tcp.abort()
-
-    def close(self) -> None:
-        self.state = CLOSED
-        self._cancel_timer()
-        self.tcp.close()
+        return self._phase in (_HDR_BODY, _PAYLOAD) or super().busy()
 
 
-class _BulkSender(asyncio.Protocol):
+class _BulkSender(Conn, asyncio.Protocol):
     """Dialler side of a bulk connection: writes blobs, reads ACK bytes."""
 
-    outbound = True
+    ready: asyncio.Future[BaseException | None]
 
     def __init__(self, lane: BulkLane, address: str) -> None:
+        table = lane.table
+        super().__init__(table, outbound=True, state=HANDSHAKE, remote=address)
         self.lane = lane
-        self.owner = lane.owner
         self.address = address
-        self.remote = address
-        self.peer: Peer | None = None
-        self.tcp: asyncio.Transport | None = None
-        self.state = HANDSHAKE
-        assert self.owner.me is not None
-        self.hs = DialerHandshake(self.owner.me, self.owner.key, secrets.token_bytes(NONCE_LEN))
+        assert table.me is not None
+        self.hs = DialerHandshake(table.me, table.key, secrets.token_bytes(NONCE_LEN))
         self._pre = HandshakeFrames()
-        loop = self.owner.loop
-        self.ready: asyncio.Future[BaseException | None] = loop.create_future()
-        self.last_active_at = loop.time()
+        self.ready = table.loop.create_future()
         self._acks: deque[asyncio.Future[BaseException | None]] = deque()
         self._writable: asyncio.Future[None] | None = None
         self.paused = False
@@ -263,7 +220,7 @@ class _BulkSender(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.tcp = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
-        if not self.owner._admit(self):
+        if not self.table.admit(self):
             self.state = CLOSED
             transport.abort()
             return
@@ -273,8 +230,8 @@ class _BulkSender(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.state == CLOSED:
             return
-        self.owner.counters["bytes_in"] += len(data)
-        self.last_active_at = self.owner.loop.time()
+        self.table.counters["bytes_in"] += len(data)
+        self.last_active_at = self.table.loop.time()
         try:
             if self.state == HANDSHAKE:
                 self._pre.feed(data)
@@ -294,7 +251,7 @@ class _BulkSender(asyncio.Protocol):
                 if not fut.done():
                     fut.set_result(None)
         except RemoteProtocolError as exc:
-            self.owner._remote_error(self, exc)
+            self.table.remote_error(self, exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = CLOSED
@@ -308,7 +265,7 @@ class _BulkSender(asyncio.Protocol):
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
         self.lane._lost_sender(self)
-        self.owner._lost(self, exc)
+        self.table.lost(self)
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -325,7 +282,7 @@ class _BulkSender(asyncio.Protocol):
         receiver answers in order). A write interrupted halfway (cancelled, say by a timeout) would
         leave the stream mid-blob, so it aborts the connection.
         """
-        loop = self.owner.loop
+        loop = self.table.loop
         ack: asyncio.Future[BaseException | None] = loop.create_future()
         self._acks.append(ack)
         self.sending = True
@@ -347,34 +304,20 @@ class _BulkSender(asyncio.Protocol):
                 self.abort()
         return ack
 
-    def _write(self, data: bytes | memoryview) -> None:
-        assert self.tcp is not None
-        self.tcp.write(data)
-        self.owner.counters["bytes_out"] += len(data)
-        self.last_active_at = self.owner.loop.time()
-
     def describe(self) -> str:
         return f"outbound bulk connection to {self.address}"
 
     def busy(self) -> bool:
-        return self.sending or bool(self._acks) or (self.tcp is not None and self.tcp.get_write_buffer_size() > 0)
-
-    def abort(self) -> None:
-        self.state = CLOSED
-        if self.tcp is not None:
-            self.tcp.abort()
-
-    def close(self) -> None:
-        self.state = CLOSED
-        if self.tcp is not None:
-            self.tcp.close()
+        return self.sending or bool(self._acks) or super().busy()
 
 
 class BulkLane:
-    """Send and receive tensors on the bulk lane; owned by a :class:`~mlfabric.runtime.transport.Transport`."""
+    """Send and receive tensors on the bulk lane. Its connections count in ``table``, shared with the control
+    lane; the listener (transport.py) hands it the inbound connections that name the bulk lane (:meth:`accept`)."""
 
-    def __init__(self, owner: Transport, on_blob: BlobHandler | None = None, allocate: Allocator | None = None) -> None:
-        self.owner = owner
+    def __init__(self, table: ConnectionTable, on_blob: BlobHandler | None = None,
+                 allocate: Allocator | None = None) -> None:
+        self.table = table
         self.received: asyncio.Queue[tuple[Peer, str, TensorBlob]] = asyncio.Queue()
         self._on_blob = on_blob
         self.allocate = allocate
@@ -391,7 +334,7 @@ class BulkLane:
         """
         if len(name) > MAX_NAME:
             raise LocalProtocolError(f"tensor name longer than {MAX_NAME} characters")
-        if self.owner.closing or self.owner.me is None:
+        if self.table.closing or self.table.me is None:
             raise TransportError("transport is closed")
         header = pack_header(name, blob)
         if len(header) > MAX_HEADER:
@@ -407,32 +350,32 @@ class BulkLane:
             failure = await ack
         if failure is not None:
             raise failure
-        counters = self.owner.counters
+        counters = self.table.counters
         counters["bulk_out"] += 1
         counters["bulk_bytes_out"] += len(data)
 
     async def _dial(self, address: str) -> _BulkSender:
-        owner = self.owner
+        table = self.table
         try:
             host, port = parse_address(address)
         except ValueError as exc:
             raise TransportError(str(exc)) from None
-        if not owner._make_room():
-            raise TransportError(f"max_connections ({owner.cfg.max_connections}) reached")
+        if not table.make_room():
+            raise TransportError(f"max_connections ({table.cfg.max_connections}) reached")
         sender = _BulkSender(self, address)
         try:
-            async with asyncio.timeout(owner.cfg.connect_timeout):
-                await owner.loop.create_connection(lambda: sender, host, port)
+            async with asyncio.timeout(table.cfg.connect_timeout):
+                await table.loop.create_connection(lambda: sender, host, port)
                 failure = await sender.ready
         except (OSError, TimeoutError) as exc:
             sender.abort()
-            owner.counters["connect_failures"] += 1
+            table.counters["connect_failures"] += 1
             raise TransportError(f"cannot reach {address} on the bulk lane: {exc or type(exc).__name__}") from None
         except BaseException:
             sender.abort()
             raise
         if failure is not None:
-            owner.counters["connect_failures"] += 1
+            table.counters["connect_failures"] += 1
             raise TransportError(f"bulk handshake with {address} failed: {failure}")
         self._senders[address] = sender
         return sender
@@ -448,7 +391,8 @@ class BulkLane:
                 return view.cast("B") if view.format != "B" or view.ndim != 1 else view
         return allocate_payload(nbytes)
 
-    def _accept(self, tcp: asyncio.Transport, remote: str) -> _BulkReceiver:
+    def accept(self, tcp: asyncio.Transport, remote: str) -> _BulkReceiver:
+        """Take over an inbound connection that named the bulk lane; the caller puts it in the table and starts it."""
         return _BulkReceiver(self, tcp, remote or peername(tcp))
 
     def _lost_sender(self, sender: _BulkSender) -> None:
@@ -465,7 +409,7 @@ class BulkLane:
             else:
                 self.received.put_nowait((src, name, blob))
         except Exception:
-            self.owner.counters["handler_errors"] += 1
+            self.table.counters["handler_errors"] += 1
             logger.exception("blob handler failed on %r from %s", name, src.address)
 
     async def close(self) -> None:

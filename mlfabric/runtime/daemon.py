@@ -41,10 +41,10 @@ from mlfabric.core.events import (
 from mlfabric.core.node import NodeCore
 from mlfabric.core.ring import BITS, ring_id
 from mlfabric.errors import ConfigError
-from mlfabric.runtime._common import write_atomic
 from mlfabric.runtime.bulk import BlobHandler
 from mlfabric.runtime.control import ControlServer, Response
 from mlfabric.runtime.driver import NodeDriver
+from mlfabric.runtime.files import write_atomic
 from mlfabric.runtime.jobs import JOB_MESSAGES, JobService, submit_query_to_spec
 from mlfabric.runtime.systemd import SystemdNotifier, first_join_bound, notify_lifecycle
 from mlfabric.runtime.transport import Transport

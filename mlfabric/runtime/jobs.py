@@ -62,7 +62,7 @@ from mlfabric.core.events import Event, PeerDied, PeerPurged
 from mlfabric.core.placement import Mesh, shard_key
 from mlfabric.core.ring import ring_id
 from mlfabric.errors import ConfigError, RemoteProtocolError
-from mlfabric.runtime._common import write_atomic
+from mlfabric.runtime.files import write_atomic
 from mlfabric.wire.blob import TensorBlob
 from mlfabric.wire.messages import (
     MAX_PEER_LIST,

@@ -28,6 +28,7 @@ Must not import torch.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections import deque
 from collections.abc import Callable
@@ -35,22 +36,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlfabric.config import TransportConfig, parse_address
-from mlfabric.errors import AuthenticationError, MlfabricError, RemoteProtocolError
+from mlfabric.errors import MlfabricError, RemoteProtocolError
 from mlfabric.runtime import bulk as bulk_lane
 from mlfabric.runtime._common import (
-    CLOSED,
-    COUNTERS,
-    HANDSHAKE,
     HANDSHAKE_MESSAGES,
-    LANE,
     LANE_BULK,
     LANE_CONTROL,
-    OPEN,
     HandshakeFrames,
     TransportError,
-    logger,
     peername,
 )
+from mlfabric.runtime.conns import CLOSED, HANDSHAKE, LANE, OPEN, Conn, ConnectionTable
 from mlfabric.wire.codec import decode, encode
 from mlfabric.wire.framing import Framer, frame
 from mlfabric.wire.handshake import DialerHandshake, ListenerHandshake
@@ -58,41 +54,37 @@ from mlfabric.wire.messages import NONCE_LEN, Message, Peer
 
 __all__ = ["Transport", "TransportError"]
 
+logger = logging.getLogger(__name__)
+
 MessageHandler = Callable[[Peer, Message], None]
 UnreachableHandler = Callable[[str], None]
 
 
-class _ControlConn(asyncio.Protocol):
-    """One control-lane TCP connection, either direction."""
+class _ControlConn(Conn, asyncio.Protocol):
+    """One control-lane TCP connection, either direction. ``peer`` is the peer as presented to the core."""
 
     def __init__(self, owner: Transport, *, outbound: bool, address: str | None = None) -> None:
+        table = owner.table
+        super().__init__(table, outbound=outbound, state=HANDSHAKE if outbound else LANE)
         self.owner = owner
-        self.outbound = outbound
         self.address = address  # dialled address, or (inbound) the address the peer advertised
-        self.peer: Peer | None = None  # the peer as presented to the core
-        self.tcp: asyncio.Transport | None = None
-        self.remote = "?"
-        self.state = HANDSHAKE if outbound else LANE
         nonce = secrets.token_bytes(NONCE_LEN)
-        assert owner.me is not None
+        assert table.me is not None
         self.hs: DialerHandshake | ListenerHandshake = (
-            DialerHandshake(owner.me, owner.key, nonce) if outbound else ListenerHandshake(owner.me, owner.key, nonce)
+            DialerHandshake(table.me, table.key, nonce) if outbound else ListenerHandshake(table.me, table.key, nonce)
         )
         self._pre = HandshakeFrames()
         self._framer: Framer | None = None
         self.paused = False
         self.was_open = False
-        self.closed_by_us = False
-        self.ready: asyncio.Future[BaseException | None] | None = owner.loop.create_future() if outbound else None
-        self.last_active_at = owner.loop.time()
-        self._timer: asyncio.TimerHandle | None = None
+        self.ready = table.loop.create_future() if outbound else None
 
     # ---------------------------------------------------------------- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.tcp = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
         self.remote = peername(transport)
-        if not self.owner._admit(self):
+        if not self.table.admit(self):
             self.closed_by_us = True
             self.state = CLOSED
             transport.abort()
@@ -101,13 +93,13 @@ class _ControlConn(asyncio.Protocol):
             hello = self.hs.start()  # type: ignore[union-attr]
             self._write(LANE_CONTROL + frame(encode(hello)))
         else:
-            self._timer = self.owner.loop.call_later(self.owner.cfg.handshake_timeout, self._handshake_expired)
+            self._arm_handshake_timer()
 
     def data_received(self, data: bytes) -> None:
         if self.state == CLOSED:
             return
-        self.last_active_at = self.owner.loop.time()
-        self.owner.counters["bytes_in"] += len(data)
+        self.last_active_at = self.table.loop.time()
+        self.table.counters["bytes_in"] += len(data)
         try:
             if self.state == LANE:
                 lane, data = data[:1], data[1:]
@@ -132,7 +124,7 @@ class _ControlConn(asyncio.Protocol):
                     return
             self._receive_frames(data)
         except RemoteProtocolError as exc:
-            self.owner._remote_error(self, exc)
+            self.table.remote_error(self, exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = CLOSED
@@ -172,68 +164,33 @@ class _ControlConn(asyncio.Protocol):
         self._cancel_timer()
         self.state = OPEN
         self.was_open = True
-        self._framer = Framer(self.owner.cfg.max_frame)
+        self._framer = Framer(self.table.cfg.max_frame)
         if self.ready is not None and not self.ready.done():
             self.ready.set_result(None)
         self.owner._opened(self)
 
     def _receive_frames(self, data: bytes) -> None:
         assert self._framer is not None and self.peer is not None
-        max_frame = self.owner.cfg.max_frame
+        max_frame = self.table.cfg.max_frame
         for body in self._framer.feed(data):
             msg = decode(body, max_frame)
             if isinstance(msg, HANDSHAKE_MESSAGES):
                 raise RemoteProtocolError(f"unexpected {type(msg).__name__} after the handshake")
-            self.owner.counters["frames_in"] += 1
+            self.table.counters["frames_in"] += 1
             self.owner._deliver(self.peer, msg)
             if self.state != OPEN:
                 return
 
-    def _handshake_expired(self) -> None:
-        self._timer = None
-        if self.state in (LANE, HANDSHAKE):
-            self.owner.counters["handshake_timeouts"] += 1
-            logger.warning(
-                "closing inbound connection from %s: no handshake within %.1fs (%d bytes buffered)",
-                self.remote, self.owner.cfg.handshake_timeout, self._pre.buffered,
-            )
-            self.abort()
+    # ---------------------------------------------------------------- used by the Transport and the table
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    # ---------------------------------------------------------------- used by the Transport
-
-    def _write(self, data: bytes) -> None:
-        assert self.tcp is not None
-        self.tcp.write(data)
-        self.owner.counters["bytes_out"] += len(data)
-        self.last_active_at = self.owner.loop.time()
+    def buffered(self) -> int:
+        return self._pre.buffered
 
     def describe(self) -> str:
         if self.outbound:
             return f"outbound connection to {self.address}"
         who = f" (node {self.peer.id:#018x} at {self.peer.address})" if self.peer else ""
         return f"inbound connection from {self.remote}{who}"
-
-    def abort(self) -> None:
-        self.closed_by_us = True
-        self.state = CLOSED
-        self._cancel_timer()
-        if self.tcp is not None:
-            self.tcp.abort()
-
-    def close(self) -> None:
-        self.closed_by_us = True
-        self.state = CLOSED
-        self._cancel_timer()
-        if self.tcp is not None:
-            self.tcp.close()
-
-    def busy(self) -> bool:
-        return self.tcp is not None and self.tcp.get_write_buffer_size() > 0
 
 
 @dataclass(slots=True)
@@ -247,7 +204,8 @@ class _Link:
 
 
 class Transport:
-    """Control lane plus the shared listener. See the module docstring for the wire layout.
+    """Control lane plus the shared listener and the connection table both lanes draw from (``table``,
+    :class:`mlfabric.runtime.conns.ConnectionTable`). See the module docstring for the wire layout.
 
     Lifecycle: ``port = await bind(host, port)``, then ``start(me, on_message, on_unreachable)``
     (``me`` usually carries the real port), ``send_nowait`` ..., ``await drain(timeout)``,
@@ -264,19 +222,29 @@ class Transport:
         self.cfg = cfg
         self.key = key
         self.loop = asyncio.get_running_loop()
-        self.me: Peer | None = None
-        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
-        self.bulk = bulk_lane.BulkLane(self, on_blob)
+        self.table = ConnectionTable(cfg, key, self.loop, logger)  # every connection, control and bulk
+        self.bulk = bulk_lane.BulkLane(self.table, on_blob)
         self._on_message: MessageHandler | None = None
         self._on_unreachable: UnreachableHandler | None = None
         self._links: dict[str, _Link] = {}
-        self._conns: set[Any] = set()  # every connection, control and bulk, open or still handshaking
         self._dials: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
-        self._sweep_handle: asyncio.TimerHandle | None = None
         self._local_queue: deque[Message] = deque()
         self._local_handle: asyncio.Handle | None = None
-        self.closing = False
+
+    @property
+    def me(self) -> Peer | None:
+        """This node as its peers know it; None until :meth:`start`."""
+        return self.table.me
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Both lanes' counters (``mlfabric.runtime.conns.COUNTERS``), for /status and /metrics."""
+        return self.table.counters
+
+    @property
+    def closing(self) -> bool:
+        return self.table.closing
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -294,12 +262,12 @@ class Transport:
 
     async def start(self, me: Peer, on_message: MessageHandler, on_unreachable: UnreachableHandler) -> None:
         """Accept connections as ``me``; deliver messages and unreachable peers to the callbacks."""
-        self.me = me
+        self.table.me = me
         self._on_message = on_message
         self._on_unreachable = on_unreachable
         if self._server is not None:
             await self._server.start_serving()
-        self._arm_sweep()
+        self.table.start_sweeping()
 
     async def drain(self, timeout: float) -> bool:
         """Wait (bounded) until queued control frames are written and dials settled; True when all went out."""
@@ -310,7 +278,7 @@ class Transport:
                         await asyncio.wait(set(self._dials))
                         continue
                     queued = any(link.queue for link in self._links.values())
-                    buffered = any(c.busy() for c in self._conns if isinstance(c, _ControlConn) and c.state == OPEN)
+                    buffered = any(c.busy() for c in self.table if isinstance(c, _ControlConn) and c.state == OPEN)
                     if not queued and not buffered:
                         return True
                     await asyncio.sleep(0.005)
@@ -319,12 +287,9 @@ class Transport:
             return False
 
     async def close(self) -> None:
-        self.closing = True
+        self.table.closing = True
         if self._server is not None:
             self._server.close()
-        if self._sweep_handle is not None:
-            self._sweep_handle.cancel()
-            self._sweep_handle = None
         if self._local_handle is not None:
             self._local_handle.cancel()
             self._local_handle = None
@@ -335,8 +300,7 @@ class Transport:
         if dials:
             await asyncio.gather(*dials, return_exceptions=True)
         await self.bulk.close()
-        for conn in list(self._conns):
-            conn.close()
+        self.table.close()
         for link in self._links.values():
             self.counters["dropped_frames"] += len(link.queue)
             link.queue.clear()
@@ -413,7 +377,7 @@ class Transport:
         conn: _ControlConn | None = None
         try:
             host, port = parse_address(address)
-            if not self._make_room():
+            if not self.table.make_room():
                 raise TransportError(f"max_connections ({self.cfg.max_connections}) reached")
             conn = _ControlConn(self, outbound=True, address=address)
             link.conn = conn
@@ -444,30 +408,7 @@ class Transport:
         finally:
             link.dial = None
 
-    def _make_room(self) -> bool:
-        """Make room for one more connection, closing the least recently used idle one if needed."""
-        if len(self._conns) < self.cfg.max_connections:
-            return True
-        idle = [c for c in self._conns if c.state == OPEN and not c.busy() and not getattr(c, "pinned", False)]
-        if not idle:
-            return False
-        victim = min(idle, key=lambda c: c.last_active_at)
-        logger.debug("max_connections reached: closing the least recently used %s", victim.describe())
-        victim.close()
-        self._conns.discard(victim)
-        return True
-
     # ---------------------------------------------------------------- callbacks from connections
-
-    def _admit(self, conn: Any) -> bool:
-        if not conn.outbound and (self.closing or len(self._conns) >= self.cfg.max_connections):
-            self.counters["rejected_connections"] += 1
-            logger.warning("rejecting inbound connection from %s: %d connections open (max_connections %d)",
-                           conn.remote, len(self._conns), self.cfg.max_connections)
-            return False
-        self._conns.add(conn)
-        self.counters["connections_out" if conn.outbound else "connections_in"] += 1
-        return True
 
     def _opened(self, conn: _ControlConn) -> None:
         assert conn.address is not None
@@ -483,9 +424,9 @@ class Transport:
             self._flush_link(conn)
         # else: a connection to that address already exists; this one only carries what the peer sends
 
-    def _lost(self, conn: Any, exc: Exception | None) -> None:
-        self._conns.discard(conn)
-        if not isinstance(conn, _ControlConn) or conn.address is None:
+    def _lost(self, conn: _ControlConn, exc: Exception | None) -> None:
+        self.table.lost(conn)
+        if conn.address is None:
             return
         link = self._links.get(conn.address)
         if link is None or link.conn is not conn:
@@ -502,20 +443,10 @@ class Transport:
             self._notify_unreachable(conn.address)
 
     def _switch_to_bulk(self, conn: _ControlConn, rest: bytes) -> None:
-        self._conns.discard(conn)
         assert conn.tcp is not None
-        receiver = self.bulk._accept(conn.tcp, conn.remote)
-        self._conns.add(receiver)
+        receiver = self.bulk.accept(conn.tcp, conn.remote)
+        self.table.replace(conn, receiver)
         receiver.start(rest)
-
-    def _remote_error(self, conn: Any, exc: RemoteProtocolError) -> None:
-        counter = "auth_failures" if isinstance(exc, AuthenticationError) else "bad_frames"
-        self.counters[counter] += 1
-        logger.warning("closing %s: %s", conn.describe(), exc)
-        ready = getattr(conn, "ready", None)
-        if ready is not None and not ready.done():
-            ready.set_result(exc)
-        conn.abort()
 
     def _deliver(self, src: Peer, msg: Message) -> None:
         assert self._on_message is not None
@@ -533,24 +464,6 @@ class Transport:
         except Exception:
             self.counters["handler_errors"] += 1
             logger.exception("unreachable handler failed for %s", address)
-
-    # ---------------------------------------------------------------- idle connections
-
-    def _arm_sweep(self) -> None:
-        interval = min(max(self.cfg.idle_timeout / 4, 0.05), 10.0)
-        self._sweep_handle = self.loop.call_later(interval, self._sweep)
-
-    def _sweep(self) -> None:
-        self._sweep_handle = None
-        if self.closing:
-            return
-        cutoff = self.loop.time() - self.cfg.idle_timeout
-        for conn in list(self._conns):
-            if conn.state == OPEN and conn.last_active_at < cutoff and not conn.busy():
-                self.counters["idle_closed"] += 1
-                logger.debug("closing idle %s", conn.describe())
-                conn.close()
-        self._arm_sweep()
 
     # ---------------------------------------------------------------- introspection
 
@@ -570,4 +483,4 @@ class Transport:
 
     @property
     def open_connections(self) -> int:
-        return len(self._conns)
+        return len(self.table)
