@@ -184,19 +184,23 @@ class ClassificationTask(ABC):
         return float(loss_sum) / n, int(correct) / n
 
 
+# Built-in task names and the specs they stand for. Named by string, not imported: learn/digits.py
+# imports this module (ClassificationTask), so an import here would close a cycle.
+_BUILTIN: dict[str, str] = {"digits": "mlfabric.learn.digits:DigitsTask"}
+
+
 def resolve_task(spec: str) -> Task:
-    """The task named by ``spec``: ``"digits"`` (built in) or ``"package.module:attr"``.
+    """The task named by ``spec``: a built-in name (``"digits"``) or ``"package.module:attr"``.
 
     ``attr`` may be a Task instance, or a class / factory that returns one when called with no
-    arguments. Anything else raises ConfigError with the reason.
+    arguments. Anything else raises ConfigError with the reason. A built-in name resolves through
+    the same path as the spec it stands for.
     """
-    if spec == "digits":
-        from mlfabric.learn.digits import DigitsTask
-
-        return DigitsTask()
+    spec = _BUILTIN.get(spec, spec)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(f"task {spec!r}: expected 'digits' or 'package.module:attr'")
+        builtins = ", ".join(repr(b) for b in _BUILTIN)
+        raise ConfigError(f"task {spec!r}: expected a built-in task ({builtins}) or 'package.module:attr'")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or anything the module raises while importing
