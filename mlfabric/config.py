@@ -118,6 +118,48 @@ class TransportConfig(BaseModel):
     max_bulk_bytes: int = Field(1 << 31, ge=1, description="Largest tensor accepted on the bulk lane.")
 
 
+class JobsConfig(BaseModel):
+    """Timings and shapes of the training-job protocol (core/jobs.py, core/aggregate.py). Seconds.
+
+    The defaults suit training rounds of seconds on the ``lan`` failure detector; the wait for
+    children adapts per job (Jacobson: mean + 4 x deviation of past waits, within
+    [``min_wait``, ``max_wait``]), so ``initial_wait`` matters for the first round only.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tree_fanout: int = Field(2, ge=1, le=16, description="Children per node in a round's ring-range tree, the "
+                             "successor included: depth is about log_fanout(N), per-node messages stay constant.")
+    ack_timeout: float = Field(3.0, gt=0, description="A partial or a round notice not acknowledged by then "
+                               "goes to the next ancestor (partial) or is sent again (notice).")
+    initial_wait: float = Field(10.0, gt=0, description="First-round wait for the children's partials, before "
+                                "any observation.")
+    min_wait: float = Field(0.05, gt=0, description="Lower bound of the adaptive wait for children.")
+    max_wait: float = Field(120.0, gt=0, description="Upper bound of the adaptive wait, and the longest the root "
+                            "holds a round open for members that keep answering 'still training'.")
+    hop_allowance: float = Field(0.25, ge=0, description="Extra wait per tree level above the leaves, so a parent "
+                                 "outwaits its children.")
+    repair_timeout: float = Field(2.0, gt=0, description="How long the root waits for one round of gap repair.")
+    repair_rounds: int = Field(3, ge=0, le=100, description="Gap repairs before the root finalises with what it has.")
+    result_timeout: float = Field(15.0, gt=0, description="A member that has waited this long for the next round "
+                                  "notice after contributing asks its ancestors for it.")
+    takeover_delay: float = Field(1.0, ge=0, description="After the coordinator is gone, how long the new owner "
+                                  "of the job key waits before it re-checks ownership and takes over.")
+    resume_settle: float = Field(3.0, ge=0, description="After a restart, how long the owner of a running job's "
+                                 "key stays joined before it resumes the job (the others rejoin meanwhile).")
+    record_spans_max: int = Field(64, ge=0, le=4096, description="History entries keep the contributor intervals "
+                                  "of a round when there are at most this many; beyond, only their count "
+                                  "(the entry says so).")
+
+    @model_validator(mode="after")
+    def _waits_fit(self) -> Self:
+        if self.min_wait > self.max_wait:
+            raise ValueError("jobs.min_wait must not exceed jobs.max_wait")
+        if self.initial_wait > self.max_wait:
+            raise ValueError("jobs.initial_wait must not exceed jobs.max_wait")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything a node needs. Every field can be set in TOML, environment or on the command line."""
 
@@ -148,6 +190,7 @@ class Settings(BaseSettings):
     overlay: OverlayConfig = Field(default_factory=OverlayConfig, description="Chord overlay timers and sizes.")
     failure: FailureConfig = Field(default_factory=FailureConfig, description="Failure detection and propagation.")
     transport: TransportConfig = Field(default_factory=TransportConfig, description="TCP lanes and their limits.")
+    jobs: JobsConfig = Field(default_factory=JobsConfig, description="Training-job protocol timings and shapes.")
 
     @field_validator("listen", "control")
     @classmethod

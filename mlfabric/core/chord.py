@@ -16,6 +16,7 @@ import random
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field
 
 from mlfabric.config import OverlayConfig
@@ -267,6 +268,28 @@ class ChordMachine:
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
+
+    def routing_entries(self) -> tuple[list[int], list[Peer]]:
+        """This node's routing view, the one every machine uses: the distinct peers of its fingers and
+        successor list, sorted by clockwise distance from it, with those distances (cached)."""
+        return self._routing()
+
+    def send(self, address: str, msg: Any) -> None:
+        """Queue a message in the node's one outbox (the other machines of NodeCore send through it)."""
+        self._outbox.append((address, msg))
+
+    def install(self, predecessor: Peer | None, successors: list[Peer], fingers: list[Peer | None], now: float) -> None:
+        """Start from given routing state instead of the join protocol: a simulation that starts from an
+        already converged ring (``mlfabric sim job --ring ideal``). The periodic protocol runs from here."""
+        self.predecessor = predecessor
+        self.successors = [s for s in successors if s.id != self.me.id][: self.cfg.successors]
+        self.fingers = list(fingers) + [None] * (BITS - len(fingers))
+        if self.successors:
+            self.fingers[0] = self.successors[0]
+        self._route_dirty = True
+        self.joined = True
+        self._events.append(Joined(self.successor))
+        self._arm_periodic(now)
 
     def distinct_fingers(self) -> list[Peer]:
         seen: dict[int, Peer] = {}

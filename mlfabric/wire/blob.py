@@ -34,7 +34,7 @@ ITEMSIZE = {
 }
 MAX_DIMS = 8
 MAX_NAME = 256
-MAX_META = 3072  # keeps the whole header (bulk.MAX_HEADER = 4096) bounded with the longest name
+MAX_META = 60 << 10  # a job message header (spans, path, spec) fits; the bulk header adds at most ~1 KiB
 
 
 @dataclass(frozen=True, slots=True)

@@ -426,14 +426,18 @@ class BackpointerCopy(Message):
 
 
 # ---------------------------------------------------------------------------------------------
-# Jobs and skip-mesh aggregation (runtime/jobs.py). Partial aggregates and round results travel on
-# the bulk lane (a tensor plus a metadata header, see runtime/jobs.py); these are the control frames.
+# Training jobs (core/jobs.py, core/aggregate.py), used directly by the core. A message that carries a
+# payload (a partial aggregate, a model) travels on the bulk lane: the message, encoded as usual, is the
+# blob's meta header and the tensor its body; the others go on the control lane.
 # ---------------------------------------------------------------------------------------------
 
 JOB_ID = Str(64)
 JOB_SPEC = Str(4096)  # a JobSpec as JSON; validated again by pydantic on receipt
-JOB_STATE = Str(1 << 19)
-MAX_SHARDS = 4096
+JOB_ENTRY = Str(2048)  # one round's history entry as JSON (summary: counts, metrics, duration)
+MAX_PATH = 64  # tree depth bound: every level at least halves a range of the 64-bit ring
+MAX_SPANS = 2048  # intervals per contributor set; an aggregator splits a partial before it would grow past it
+ALL_TRAIN = (1 << 32) - 1  # JobRound.quota: every member of the range trains
+SPANS = ListOf(U64, 2 * MAX_SPANS)
 
 
 @wire(60)
@@ -444,106 +448,103 @@ class JobSubmit(Message):
     spec: str = f(JOB_SPEC)
 
 
-@wire(61)
+# 61-71: retired (job protocol 1: ring-walk announce, member lists, per-shard meshes). Never reuse.
+
+
+@wire(72)
 @dataclass(frozen=True, slots=True)
-class JobAnnounce(Message):
-    """Goes once round the ring (successor to successor): every node that sees it joins the job."""
-
-    job: str = f(JOB_ID)
-    coordinator: Peer = f(PEER)
-    epoch: int = f(U64)
-    hops: int = f(U32)
-
-
-@wire(62)
-@dataclass(frozen=True, slots=True)
-class JobJoin(Message):
-    """The sender takes part in ``job`` (answer to an announce, or after a restart)."""
-
-    job: str = f(JOB_ID)
-    version: int = f(U64)  # the last round whose model the sender holds (0: none)
-
-
-@wire(63)
-@dataclass(frozen=True, slots=True)
-class RoundStart(Message):
-    """Round ``round`` of ``job`` over ``members``; ``sample`` is a bitmap over ``members`` of who trains."""
+class JobRound(Message):
+    """Down a round's ring-range tree: round ``round`` (attempt ``attempt``) of ``job`` is open, and the
+    receiver is responsible for the ring range from itself to ``hi`` (clockwise distance from ``root``;
+    0 means the whole way round). ``path``: the receiver's ancestors, root first (where its partial
+    goes, failing over upward). It carries the model of version ``round`` as its bulk payload when
+    ``with_model`` (the result of round ``round - 1``, with that round's history ``entry``), so
+    a member that joined since the last round trains from this one. ``final``: the job is done and
+    the payload is the final model. ``repair``: the root re-covers a gap (nothing to train anew;
+    members send what they kept). ``catchup``: an answer to JobResultRequest, no range duty.
+    ``rank``/``parts``: the receiver's place in distance order from the root and the job's data
+    partition count (which part of the task's data the member trains on)."""
 
     job: str = f(JOB_ID)
     spec: str = f(JOB_SPEC)
     round: int = f(U32)
-    members: tuple[Peer, ...] = f(PEERS)
-    sample: bytes = f(Bytes(MAX_PEER_LIST // 8))
-    roster: tuple[int, ...] = f(ListOf(U64, MAX_PEER_LIST))  # ids at job start: fixes each node's data split
+    attempt: int = f(U32)
+    root: Peer = f(PEER)
+    hi: int = f(U64)
+    path: tuple[Peer, ...] = f(ListOf(PEER, MAX_PATH))
+    quota: int = f(U32)
+    rank: int = f(U32)
+    parts: int = f(U32)
+    entry: str = f(JOB_ENTRY, "")
+    with_model: bool = f(BOOL, False)
+    final: bool = f(BOOL, False)
+    repair: bool = f(BOOL, False)
+    catchup: bool = f(BOOL, False)
 
 
-@wire(64)
+@wire(73)
 @dataclass(frozen=True, slots=True)
-class AggAck(Message):
+class JobPartial(Message):
+    """Up the tree (bulk payload): the merged updates of the members whose ranges are ``spans``;
+    ``count`` updates in it, ``members`` members covered (trainers or not); ``weight`` is the
+    payload's FedAvg weight (filled by the host). ``repair``: sent straight to the root on request."""
+
     job: str = f(JOB_ID)
     round: int = f(U32)
-    shard: int = f(U32)
+    attempt: int = f(U32)
+    seq: int = f(U64)
+    spans: tuple[int, ...] = f(SPANS)
+    count: int = f(U64)
+    members: int = f(U64)
+    weight: int = f(U64, 0)
+    repair: bool = f(BOOL, False)
+
+
+@wire(74)
+@dataclass(frozen=True, slots=True)
+class JobAck(Message):
+    """A JobPartial arrived (whatever the receiver does with it): stop resending it."""
+
+    job: str = f(JOB_ID)
+    round: int = f(U32)
+    attempt: int = f(U32)
     seq: int = f(U64)
 
 
-@wire(65)
+@wire(75)
 @dataclass(frozen=True, slots=True)
-class AggSecured(Message):
-    job: str = f(JOB_ID)
-    round: int = f(U32)
-    shard: int = f(U32)
-    seqs: tuple[int, ...] = f(ListOf(U64, 4096))
-
-
-@wire(66)
-@dataclass(frozen=True, slots=True)
-class AggPending(Message):
-    job: str = f(JOB_ID)
-    round: int = f(U32)
-    shard: int = f(U32)
-
-
-@wire(67)
-@dataclass(frozen=True, slots=True)
-class AggRepair(Message):
-    job: str = f(JOB_ID)
-    round: int = f(U32)
-    shard: int = f(U32)
-
-
-@wire(68)
-@dataclass(frozen=True, slots=True)
-class JobStateCopy(Message):
-    """The coordinator's job record (JSON), kept by its successors to take over if it dies."""
-
-    job: str = f(JOB_ID)
-    state: str = f(JOB_STATE)
-    handover: bool = f(BOOL, False)  # the coordinator is leaving: the receiver coordinates from now on
-
-
-@wire(69)
-@dataclass(frozen=True, slots=True)
-class JobLeave(Message):
-    """The sender leaves the ring gracefully: leave it out of the job's next rounds."""
-
-    job: str = f(JOB_ID)
-
-
-@wire(70)
-@dataclass(frozen=True, slots=True)
-class AggAbstain(Message):
-    """The sender cannot contribute to this instance (no current model): the root stops waiting for it."""
+class JobRoundAck(Message):
+    """A JobRound arrived."""
 
     job: str = f(JOB_ID)
     round: int = f(U32)
-    shard: int = f(U32)
+    attempt: int = f(U32)
 
 
-@wire(71)
+@wire(76)
 @dataclass(frozen=True, slots=True)
-class AggResultRequest(Message):
-    """The sender still lacks this instance's result: whoever has it sends it (again)."""
+class JobPending(Message):
+    """Answer to a repair JobRound from a member still training: alive, its update follows."""
 
     job: str = f(JOB_ID)
     round: int = f(U32)
-    shard: int = f(U32)
+    attempt: int = f(U32)
+
+
+@wire(77)
+@dataclass(frozen=True, slots=True)
+class JobResultRequest(Message):
+    """The sender waits for round ``round``'s notice (and the model it carries): whoever has it sends it."""
+
+    job: str = f(JOB_ID)
+    round: int = f(U32)
+
+
+@wire(78)
+@dataclass(frozen=True, slots=True)
+class JobHandover(Message):
+    """The coordinator leaves the ring: the receiver (its successor, the next owner of the job key)
+    coordinates from now on, from its own copy of the record, with an attempt above ``attempt``."""
+
+    job: str = f(JOB_ID)
+    attempt: int = f(U32)
