@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlfabric.core.ring import BITS, finger_start, successor_of
+from mlfabric.core.ring import BITS, ideal_routing, successor_of
 from mlfabric.errors import MlfabricError
 from mlfabric.runtime.control import ControlError, get_json
 
@@ -276,39 +277,87 @@ async def fetch_statuses(controls: list[str], timeout: float = 5.0, concurrency:
 
 
 def ideal_ring(ids: list[int], successors: int) -> dict[int, dict[str, Any]]:
-    """For each id: the true predecessor, successor list (length min(r, N-1)) and 64 fingers."""
+    """For each id: the true predecessor, successor list (length min(r, N-1)) and 64 fingers.
+
+    Predecessor, successor and fingers come from :func:`mlfabric.core.ring.ideal_routing`, the judge the
+    simulator uses too. A node alone has no predecessor (None) and itself as successor.
+    """
     ring = sorted(set(ids))
     n = len(ring)
     out: dict[int, dict[str, Any]] = {}
     for pos, nid in enumerate(ring):
+        pred, succ, fingers = ideal_routing(nid, ring)
         succ_list = [ring[(pos + k) % n] for k in range(1, min(successors, n - 1) + 1)] or [nid]
-        out[nid] = {
-            "predecessor": ring[pos - 1] if n > 1 else None,
-            "successors": succ_list,
-            "fingers": [successor_of(finger_start(nid, i), ring) for i in range(BITS)],
-        }
+        assert succ_list[0] == succ
+        out[nid] = {"predecessor": pred if n > 1 else None, "successors": succ_list, "fingers": fingers}
     return out
 
 
+MAX_PROBLEMS = 20  # problems listed in a ring report; the counters count them all
+_ABSENT = object()  # a finger a status does not list at all
+
+
+def _hex(node_id: int | None) -> str:
+    return "none" if node_id is None else f"{node_id:016x}"
+
+
 def ring_report(statuses: list[dict[str, Any] | None], successors: int = 8) -> dict[str, Any]:
-    """How many nodes have the true successor, predecessor, successor list and all fingers."""
+    """How many nodes have the true successor, predecessor, successor list and all fingers.
+
+    The truth is the ideal ring of the ids that answered (``statuses`` holds None for a node that did
+    not); ``converged`` needs every node to answer, be joined and match it exactly, with no id twice.
+    ``problems`` says what is wrong, one line per wrong pointer (the first ``MAX_PROBLEMS``).
+    """
     live = [s for s in statuses if s is not None]
-    ideal = ideal_ring([s["id"] for s in live], successors)
-    report = {"nodes": len(statuses), "answered": len(live), "joined": 0, "successor": 0, "predecessor": 0,
-              "successor_list": 0, "fingers": 0}
+    ids = [s["id"] for s in live]
+    ideal = ideal_ring(ids, successors)
+    report: dict[str, Any] = {"nodes": len(statuses), "answered": len(live), "joined": 0, "successor": 0,
+                              "predecessor": 0, "successor_list": 0, "fingers": 0}
+    problems: list[str] = []
+    if len(live) < len(statuses):
+        problems.append(f"{len(statuses) - len(live)} of {len(statuses)} nodes did not answer")
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    problems += [f"node {_hex(i)} answered {ids.count(i)} times" for i in twice]
     for s in live:
+        me = _hex(s["id"])
         want = ideal[s["id"]]
         got_succ = [p["id"] for p in s["successors"]]
         pred = s["predecessor"]["id"] if s["predecessor"] else None
         fingers = [f["id"] if f else None for f in s["fingers"]]
-        report["joined"] += bool(s["joined"])
-        report["successor"] += bool(got_succ) and got_succ[0] == want["successors"][0]
-        report["predecessor"] += pred == want["predecessor"]
-        report["successor_list"] += got_succ == want["successors"]  # exactly: no stale entries behind
-        report["fingers"] += fingers == want["fingers"]
+        if s["joined"]:
+            report["joined"] += 1
+        else:
+            problems.append(f"node {me}: not joined")
+        if got_succ[:1] == want["successors"][:1]:
+            report["successor"] += 1
+        else:
+            problems.append(f"node {me}: successor {_hex(got_succ[0] if got_succ else None)}, "
+                            f"should be {_hex(want['successors'][0])}")
+        if pred == want["predecessor"]:
+            report["predecessor"] += 1
+        else:
+            problems.append(f"node {me}: predecessor {_hex(pred)}, should be {_hex(want['predecessor'])}")
+        if got_succ == want["successors"]:  # exactly: no stale entries behind, none missing
+            report["successor_list"] += 1
+        else:
+            problems.append(f"node {me}: successor list [{' '.join(map(_hex, got_succ))}], "
+                            f"should be [{' '.join(map(_hex, want['successors']))}]")
+        if fingers == want["fingers"]:
+            report["fingers"] += 1
+        else:
+            pairs = itertools.zip_longest(fingers, want["fingers"], fillvalue=_ABSENT)
+            wrong = [i for i, (g, w) in enumerate(pairs) if g != w]
+            i = wrong[0]
+            got = _hex(fingers[i]) if i < len(fingers) else "absent"
+            should = _hex(want["fingers"][i]) if i < BITS else "absent"
+            problems.append(f"node {me}: {len(wrong)} of {BITS} fingers wrong, the first is finger {i}: {got}, "
+                            f"should be {should}")
     n = report["nodes"]
-    report["converged"] = n > 0 and all(report[k] == n for k in ("answered", "joined", "successor", "predecessor",
-                                                                 "successor_list", "fingers"))
+    report["converged"] = n > 0 and not twice and all(
+        report[k] == n for k in ("answered", "joined", "successor", "predecessor", "successor_list", "fingers"))
+    if len(problems) > MAX_PROBLEMS:
+        problems[MAX_PROBLEMS:] = [f"... and {len(problems) - MAX_PROBLEMS} more"]
+    report["problems"] = problems
     return report
 
 
@@ -316,12 +365,18 @@ async def check_lookups(
     controls: list[str], ids: list[int], keys_per_node: int, seed: int = 0, timeout: float = 10.0,
     concurrency: int = 32,
 ) -> dict[str, Any]:
-    """Look up random keys (seeded) from every node; compare with the true successor among ``ids``."""
+    """Look up random keys (seeded) from every node; compare with the true successor among ``ids``.
+
+    ``correct + failed + wrong == lookups``: a lookup fails when the control endpoint is unreachable or
+    answers without a node, and is wrong when it names another node. ``problems`` says which lookups
+    went wrong and how (the first ``MAX_PROBLEMS``).
+    """
     ring = sorted(ids)
     rng = random.Random(seed)
     jobs = [(c, rng.getrandbits(BITS)) for c in controls for _ in range(keys_per_node)]
     gate = asyncio.Semaphore(concurrency)
     results: list[dict[str, Any]] = []
+    problems: list[str] = []
 
     async def one(control: str, key: int) -> None:
         async with gate:
@@ -330,15 +385,23 @@ async def check_lookups(
                 code, body = await get_json(control, f"/lookup?key={key}", timeout)
             except ControlError as exc:
                 results.append({"ok": False, "error": str(exc)})
+                problems.append(f"lookup of {key:016x} at {control}: {exc}")
                 return
             rtt = time.perf_counter() - t0
             node = body.get("node") if code == 200 else None
-            results.append({"ok": node is not None and node["id"] == successor_of(key, ring),
-                            "failed": node is None, "hops": body.get("hops", 0), "elapsed_s": body.get("elapsed_s"),
-                            "rtt_s": rtt})
+            want = successor_of(key, ring)
+            ok = node is not None and node["id"] == want
+            if node is None:
+                problems.append(f"lookup of {key:016x} at {control}: no node (HTTP {code}: {body.get('error')})")
+            elif not ok:
+                problems.append(f"lookup of {key:016x} at {control}: node {_hex(node['id'])}, should be {_hex(want)}")
+            results.append({"ok": ok, "failed": node is None, "hops": body.get("hops", 0),
+                            "elapsed_s": body.get("elapsed_s"), "rtt_s": rtt})
 
     await asyncio.gather(*(one(c, k) for c, k in jobs))
     ok = [r for r in results if r["ok"]]
+    if len(problems) > MAX_PROBLEMS:
+        problems[MAX_PROBLEMS:] = [f"... and {len(problems) - MAX_PROBLEMS} more"]
     return {
         "lookups": len(results),
         "correct": len(ok),
@@ -347,6 +410,7 @@ async def check_lookups(
         "hops": [r["hops"] for r in results if "hops" in r],
         "elapsed_s": [r["elapsed_s"] for r in results if r.get("elapsed_s") is not None],
         "rtt_s": [r["rtt_s"] for r in results if "rtt_s" in r],
+        "problems": problems,
     }
 
 
