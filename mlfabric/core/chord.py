@@ -16,8 +16,8 @@ import random
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 from mlfabric.config import OverlayConfig
 from mlfabric.core.events import (
@@ -108,6 +108,7 @@ class ChordMachine:
         self._route_dirty = True
         self._route_dist: list[int] = []
         self._route_peers: list[Peer] = []
+        self._route_ids: set[int] = set()
         # Hooks for a failure detector (core/failure.py). Without one, a timed-out peer is forgotten.
         self.is_dead: Callable[[int], bool] = lambda node_id: False
         # called when hearsay (a neighbour's list or pointer) names a node marked dead: it may be back
@@ -149,11 +150,21 @@ class ChordMachine:
         """Start a lookup of successor(key); a LookupDone event with the returned token follows."""
         return self._start_lookup(key & MASK, USER, now)
 
-    def in_routing_state(self, node_id: int) -> bool:
-        """Whether ``node_id`` is our predecessor, in our successor list or one of our fingers."""
+    def holds(self, node_id: int) -> bool:
+        """Whether ``node_id`` is in our routing state: our predecessor, in our successor list or one of
+        our fingers (the one definition the detector, the simulator's checks and the jobs use)."""
         if self.predecessor is not None and self.predecessor.id == node_id:
             return True
-        return any(p.id == node_id for p in self._routing()[1])
+        self._routing()
+        return node_id in self._route_ids
+
+    def routing_state(self) -> list[Peer]:
+        """Every distinct peer we hold, the routing entries by distance and then the predecessor."""
+        peers = list(self._routing()[1])
+        pred = self.predecessor
+        if pred is not None and pred.id not in self._route_ids:
+            peers.append(pred)
+        return peers
 
     def merge_with(self, peer: Peer, now: float) -> bool:
         """``peer`` answered us although we had given it up (a merge probe, or it spoke first): if it
@@ -169,7 +180,7 @@ class ChordMachine:
         when no merge lookup was started."""
         if not self.joined or self.leaving or peer.id == self.me.id or self.is_dead(peer.id):
             return False
-        if self.in_routing_state(peer.id) or self._merging >= MAX_MERGES:
+        if self.holds(peer.id) or self._merging >= MAX_MERGES:
             return False
         if not self.successors or in_open(peer.id, self.me.id, self.successor.id):
             self._on_hint(peer, now)  # it falls right after us: adopt it (stabilize checks it at once)
@@ -373,6 +384,7 @@ class ChordMachine:
             ordered = sorted(peers.values(), key=lambda p: distance(me, p.id))
             self._route_peers = ordered
             self._route_dist = [distance(me, p.id) for p in ordered]
+            self._route_ids = {p.id for p in ordered}
             self._route_dirty = False
         return self._route_dist, self._route_peers
 

@@ -284,17 +284,7 @@ class FailureDetector:
         return list(out.values())
 
     def _all_entries(self) -> list[Peer]:
-        c = self.chord
-        out: dict[int, Peer] = {}
-        if c.predecessor is not None:
-            out[c.predecessor.id] = c.predecessor
-        for s in c.successors:
-            out.setdefault(s.id, s)
-        for fg in c.fingers:
-            if fg is not None:
-                out.setdefault(fg.id, fg)
-        out.pop(self.me.id, None)
-        return list(out.values())
+        return self.chord.routing_state()
 
     def _probe_near(self, now: float) -> None:
         for peer in self._near_targets():
@@ -352,7 +342,7 @@ class FailureDetector:
 
     def _helpers(self, target: Peer) -> list[Peer]:
         c = self.chord
-        cands = [*c.successors, *([c.predecessor] if c.predecessor else []), *c.distinct_fingers()]
+        cands = c.routing_state()  # nearest first: the successors, then fingers, the predecessor last
         seen: set[int] = set()
         out = []
         for p in cands:
@@ -738,7 +728,7 @@ class FailureDetector:
         chord = self.chord
         best: tuple[float, int, str] | None = None
         for nid, (peer, forget_at, probed_at) in list(self._passive.items()):
-            if chord.in_routing_state(nid):
+            if chord.holds(nid):
                 del self._passive[nid]  # back in our routing state (hearsay, after its mark expired)
             elif forget_at > now and (best is None or probed_at < best[0]):
                 best = (probed_at, nid, peer.address)

@@ -11,10 +11,9 @@ Must not import asyncio, socket, time, threading or torch.
 from __future__ import annotations
 
 import random
-from typing import Any
-
 from collections import deque
 from collections.abc import Iterable
+from typing import Any
 
 from mlfabric.config import FailureConfig, JobsConfig, OverlayConfig
 from mlfabric.core.aggregate import Strategy, WithPayload
