@@ -129,9 +129,21 @@ class JobRecord:
         return len(self.history)
 
     def add_entry(self, entry: dict[str, Any]) -> bool:
-        """Append round ``entry["round"]`` if it is the next one (False: known already, or a gap)."""
-        if entry.get("round") != len(self.history):
-            return False
+        """Put round ``entry["round"]`` in the history (False: known already). A member that missed the
+        notices of some rounds keeps a placeholder ``{"round": k, "missed": True}`` for each, filled if
+        the entry comes later; the coordinator's own record and its heir's have no placeholders."""
+        r = entry.get("round")
+        if type(r) is not int or r < 0:
+            raise ValueError("a history entry needs a non-negative integer round")
+        if r < len(self.history):
+            if not self.history[r].get("missed"):
+                return False
+            self.history[r] = entry
+            return True
+        if r - len(self.history) > 100_000:
+            raise ValueError(f"history entry for round {r} is far beyond the record ({len(self.history)} rounds)")
+        while len(self.history) < r:
+            self.history.append({"round": len(self.history), "missed": True})
         self.history.append(entry)
         return True
 
@@ -673,7 +685,7 @@ class JobMachine:
         path = (*msg.path, self.me) if root_id != self.me.id else (self.me,)
         rank = msg.rank + 1
         notices: list[tuple[Peer, JobRound]] = []
-        for (child, c_lo, c_hi), q, size in zip(kids, quotas, sizes, strict=True):
+        for (child, _, c_hi), q, size in zip(kids, quotas, sizes, strict=True):
             notices.append((child, JobRound(job, msg.spec, msg.round, msg.attempt, msg.root, c_hi & MASK, path, q,
                                             rank, msg.parts, msg.entry, with_model=msg.with_model and not repair,
                                             repair=repair)))
