@@ -151,6 +151,7 @@ class _Instance(Generic[P]):
     counted: Spans = field(default_factory=Spans)  # in acc or already sent up
     forwarded: bool = False
     late: bool = False  # the deadline passed while our own update was still coming
+    members_from: dict[int, int] = field(default_factory=dict)  # sender id -> members its partials covered
     units: dict[int, _Unit[P]] = field(default_factory=dict)
     done: bool = False
     # root only
@@ -265,6 +266,11 @@ class TreeAggregator(Generic[P]):
     def instances(self, job: str, round_: int) -> list[InstanceKey]:
         return [k for k in self._instances if k[0] == job and k[1] == round_]
 
+    def members_from(self, key: InstanceKey) -> dict[int, int]:
+        """Members covered by the partials each sender sent us in an instance (subtree sizes)."""
+        inst = self._instances.get(key)
+        return dict(inst.members_from) if inst is not None else {}
+
     def covered(self, key: InstanceKey) -> bool:
         inst = self._instances.get(key)
         return inst is not None and inst.forwarded
@@ -342,6 +348,7 @@ class TreeAggregator(Generic[P]):
                     best = inst
         if best is None:
             return  # an old round or attempt, or nothing of ours: dropped (acknowledged above)
+        best.members_from[src.id] = best.members_from.get(src.id, 0) + msg.members
         self._take(now, best, piece, src)
         self._progress(now, best)
 

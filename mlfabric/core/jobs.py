@@ -183,7 +183,7 @@ class _Job:
     children: list[tuple[Peer, int]] = field(default_factory=list)  # (child, its range's hi) this round
     hi: int = 0
     last_notice: JobRound | None = None
-    sizes: dict[int, int] = field(default_factory=dict)  # child id -> members it covered last round
+    sizes: dict[int, tuple[int, int]] = field(default_factory=dict)  # child id -> (its hi, members) last round
     pending_fanout: tuple[JobRound, Any, list[tuple[Peer, JobRound]], Peer, float] | None = None
     unacked: dict[int, tuple[JobRound, Any, float]] = field(default_factory=dict)  # child id -> notice
     restored_at: float | None = None
@@ -604,6 +604,11 @@ class JobMachine:
                 st.pull_at = None
             return
         # A newer round or attempt: what we kept for older rounds goes, the new tree forms.
+        if st.round >= 0 and st.children:
+            # What each child's subtree held last round: the size estimate for the next split.
+            got = self.agg.members_from((job, st.round, st.attempt, distance(st.root.id, self.me.id))) \
+                if st.root is not None else {}
+            st.sizes = {c.id: (h, got[c.id]) for c, h in st.children if c.id in got}
         if msg.root.id != self.me.id and st.coordinating:
             st.coordinating = False  # someone with a newer attempt coordinates now
         st.round, st.attempt, st.root = msg.round, msg.attempt, msg.root
@@ -675,7 +680,8 @@ class JobMachine:
         if len(msg.path) >= MAX_PATH:
             raise RemoteProtocolError(f"job round notice: path longer than {MAX_PATH} (the tree cannot be that deep)")
         kids = self._split(lo, hi)
-        sizes = [st.sizes.get(c.id, 0) or self._estimate(lo, c_lo, c_hi) for c, c_lo, c_hi in kids]
+        sizes = [known[1] if (known := st.sizes.get(c.id)) is not None and known[0] == c_hi
+                 else self._estimate(lo, c_lo, c_hi) for c, c_lo, c_hi in kids]
         # Who trains: the range's quota apportioned over ourselves and the children's estimated sizes.
         if msg.quota == ALL_TRAIN:
             quotas, me_trains = [ALL_TRAIN] * len(kids), True
@@ -699,7 +705,6 @@ class JobMachine:
             st.path = msg.path
             st.children = [(c, c_hi) for c, _, c_hi in kids]
             st.hi = hi
-            st.sizes = {}
         for child, notice in notices:
             if not repair:
                 st.unacked[child.id] = (notice, payload if notice.with_model else None, now)
