@@ -12,7 +12,6 @@ test ends, whatever happened.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -20,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,6 @@ from mlfabric.runtime.cluster import (
     Cluster,
     ClusterNode,
     check_lookups,
-    cluster_up,
     fetch_statuses,
     node_command,
     ring_report,
@@ -70,35 +68,6 @@ def routing_ids(status: dict[str, Any]) -> set[int]:
 
 def counter_sum(statuses: list[dict[str, Any] | None], name: str) -> int:
     return sum(s["counters"][name] for s in statuses if s is not None)
-
-
-def log_tail(node: ClusterNode, lines: int = 12) -> str:
-    try:
-        text = Path(node.log).read_text(errors="replace").splitlines()
-    except OSError:
-        return f"[node{node.index}: no log]"
-    return f"--- node{node.index} {node.id:016x} log tail ---\n" + "\n".join(text[-lines:])
-
-
-async def poll(
-    check: Callable[[], Awaitable[tuple[bool, Any]]],
-    bound: float,
-    what: str,
-    context: Callable[[], str],
-    since: float | None = None,
-) -> tuple[float, Any]:
-    """Call ``check`` until it reports done; fail (with ``context()``) past ``bound`` seconds after
-    ``since`` (default: now). Returns (seconds since ``since`` when done, check's detail)."""
-    start = time.monotonic() if since is None else since
-    while True:
-        done, detail = await check()
-        elapsed = time.monotonic() - start
-        if done:
-            return elapsed, detail
-        if elapsed > bound:
-            shown = brief(detail) if isinstance(detail, dict) else detail
-            pytest.fail(f"{what} not reached within {bound:.2f}s; last: {shown}\n{context()}")
-        await asyncio.sleep(0.02)
 
 
 async def ring_state(
@@ -140,8 +109,9 @@ class FirstTime:
         return done, report
 
 
-def brief(report: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in report.items() if k != "statuses"}
+def brief(detail: Any) -> Any:
+    """A report without its statuses (too long for a failure message); any other detail as it is."""
+    return {k: v for k, v in detail.items() if k != "statuses"} if isinstance(detail, dict) else detail
 
 
 def kill_and_reap(cluster: Cluster, node: ClusterNode) -> None:
@@ -152,9 +122,12 @@ def kill_and_reap(cluster: Cluster, node: ClusterNode) -> None:
     cluster.nodes = [n for n in cluster.nodes if n.pid != node.pid]  # its pid may be reused: never signal it
 
 
-def restart(cluster: Cluster, node: ClusterNode, seed_address: str, timeout: float) -> ClusterNode:
+def restart(
+    cluster: Cluster, node: ClusterNode, seed_address: str, timeout: float, context: Callable[[], str]
+) -> ClusterNode:
     """Start ``node`` again with its data dir, exactly as cluster_up does (node_command: its loopback
-    host, port 0, own session, log appended), through ``seed_address``; wait for its ready line."""
+    host, port 0, own session, log appended), through ``seed_address``; wait for its ready line
+    (failing with ``context()``)."""
     log = Path(node.log)
     offset = log.stat().st_size
     cmd = node_command(node.index, Path(node.data_dir), cluster.preset, seed_address, [])
@@ -167,8 +140,8 @@ def restart(cluster: Cluster, node: ClusterNode, seed_address: str, timeout: flo
     cluster.nodes.append(fresh)  # stop() covers it
     deadline = time.monotonic() + timeout
     while (m := READY_RE.search(log.read_bytes()[offset:])) is None:
-        assert proc.poll() is None, f"restarted node{node.index} exited {proc.returncode}\n{log_tail(node)}"
-        assert time.monotonic() < deadline, f"restarted node{node.index} not ready in {timeout}s\n{log_tail(node)}"
+        assert proc.poll() is None, f"restarted node{node.index} exited {proc.returncode}\n{context()}"
+        assert time.monotonic() < deadline, f"restarted node{node.index} not ready in {timeout}s\n{context()}"
         time.sleep(0.02)
     fresh.id, fresh.address, fresh.control = int(m.group(1), 16), m.group(2).decode(), m.group(3).decode()
     return fresh
@@ -188,34 +161,12 @@ def ring_order_runs(all_ids: list[int], dead: set[int]) -> int:
     return longest
 
 
-@pytest.fixture
-def clusters(tmp_path: Path) -> Iterator[Callable[[int], Cluster]]:
-    """``up(n)``: a local-preset cluster of n daemon processes; all of them are stopped at teardown."""
-    made: list[Cluster] = []
-
-    def up(n: int) -> Cluster:
-        cluster = cluster_up(tmp_path / f"cluster{len(made)}", n, preset="local")
-        made.append(cluster)
-        return cluster
-
-    yield up
-    for cluster in made:
-        for pid in list(cluster.procs):  # a stopped process would sit on SIGTERM until its timeout
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        cluster.stop(timeout=5)
-        for proc in cluster.procs.values():  # nodes killed but not reaped (a failed test)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait(timeout=10)
-
-
 # -------------------------------------------------------------------- kill -9 six of 24, restart two
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-async def test_kill_six_of_24_repairs_within_bound_and_two_restarted_rejoin(clusters) -> None:
+async def test_kill_six_of_24_repairs_within_bound_and_two_restarted_rejoin(clusters, poll, log_tail) -> None:
     n, n_kill, n_back = 24, 6, 2
     cluster = clusters(n)
     nodes = list(cluster.nodes)
@@ -232,7 +183,7 @@ async def test_kill_six_of_24_repairs_within_bound_and_two_restarted_rejoin(clus
     def context() -> str:
         return tag + "\n" + "\n".join(log_tail(nodes[i]) for i in victims)
 
-    await poll(lambda: ring_state(nodes), 20.0, "initial ideal ring of 24", context)
+    await poll(lambda: ring_state(nodes), 20.0, "initial ideal ring of 24", context, show=brief)
     # -- kill six at once
     dead = {nodes[i].id for i in victims}
     live = [x for x in nodes if x.id not in dead]
@@ -248,6 +199,7 @@ async def test_kill_six_of_24_repairs_within_bound_and_two_restarted_rejoin(clus
         f"ideal ring of the {len(live)} live nodes, holding no dead node",
         context,
         since=t0,
+        show=brief,
     )
     lookups = await check_lookups([x.control for x in live], [x.id for x in live], keys_per_node=8, seed=SEED)
     looked = time.monotonic() - t0
@@ -265,7 +217,7 @@ async def test_kill_six_of_24_repairs_within_bound_and_two_restarted_rejoin(clus
     seed_address = live[0].address
     incarnations = {i: int((Path(nodes[i].data_dir) / "incarnation").read_text()) for i in back}
     t1 = time.monotonic()
-    restarted = [restart(cluster, nodes[i], seed_address, timeout=15.0) for i in back]
+    restarted = [restart(cluster, nodes[i], seed_address, timeout=15.0, context=context) for i in back]
     ready = time.monotonic() - t1
     for old_index, fresh in zip(back, restarted, strict=True):
         old = nodes[old_index]
@@ -292,6 +244,7 @@ async def test_kill_six_of_24_repairs_within_bound_and_two_restarted_rejoin(clus
         f"ideal ring of the {len(members)} nodes with the restarted ones",
         context,
         since=t1,
+        show=brief,
     )
     lookups = await check_lookups([x.control for x in members], [x.id for x in members], keys_per_node=8, seed=SEED + 1)
     statuses = {s["id"]: s for s in report["statuses"]}
@@ -309,7 +262,9 @@ async def test_kill_six_of_24_repairs_within_bound_and_two_restarted_rejoin(clus
 
 
 @pytest.mark.timeout(120)
-async def test_sigstop_shorter_than_suspicion_is_no_death_longer_is_and_the_node_comes_back(clusters) -> None:
+async def test_sigstop_shorter_than_suspicion_is_no_death_longer_is_and_the_node_comes_back(
+    clusters, poll, log_tail
+) -> None:
     n = 10
     cluster = clusters(n)
     nodes = list(cluster.nodes)
@@ -322,7 +277,7 @@ async def test_sigstop_shorter_than_suspicion_is_no_death_longer_is_and_the_node
     def context() -> str:
         return tag + "\n" + log_tail(victim, 25)
 
-    _, report = await poll(lambda: ring_state(nodes), 20.0, "initial ideal ring", context)
+    _, report = await poll(lambda: ring_state(nodes), 20.0, "initial ideal ring", context, show=brief)
     deaths0 = counter_sum(report["statuses"], "deaths_declared")
 
     # -- short stall. A probe sent just before the stop is answered (by the node or via the helpers'
@@ -379,6 +334,7 @@ async def test_sigstop_shorter_than_suspicion_is_no_death_longer_is_and_the_node
             "stalled node declared dead and purged from every routing table",
             context,
             since=t0,
+            show=brief,
         )
         deaths1 = detail["deaths"]
         await asyncio.sleep(max(0.0, long - (time.monotonic() - t0)))  # the rest of the stall
@@ -390,7 +346,8 @@ async def test_sigstop_shorter_than_suspicion_is_no_death_longer_is_and_the_node
     # it makes them probe it (see the restart bound above).
     back_bound = 3 * DETECT + SLACK
     watch = FirstTime(lambda: ring_state(nodes), t1)
-    rejoin, report = await poll(watch, back_bound, "ideal ring with the stalled node back", context, since=t1)
+    rejoin, report = await poll(watch, back_bound, "ideal ring with the stalled node back", context, since=t1,
+                                show=brief)
     lookups = await check_lookups([x.control for x in nodes], [x.id for x in nodes], keys_per_node=8, seed=SEED)
     mine = next(s for s in report["statuses"] if s["id"] == victim.id)
     log = Path(victim.log).read_text(errors="replace")
@@ -410,11 +367,11 @@ async def test_sigstop_shorter_than_suspicion_is_no_death_longer_is_and_the_node
 
 
 @pytest.mark.timeout(60)
-async def test_status_json_shows_failure_counters(clusters) -> None:
+async def test_status_json_shows_failure_counters(clusters, poll) -> None:
     cluster = clusters(4)
     nodes = list(cluster.nodes)
     tag = f"seed={SEED} workdir={cluster.workdir}"
-    await poll(lambda: ring_state(nodes), 20.0, "initial ideal ring", lambda: tag)
+    await poll(lambda: ring_state(nodes), 20.0, "initial ideal ring", lambda: tag, show=brief)
     victim = nodes[random.Random(SEED).randrange(1, 4)]
     kill_and_reap(cluster, victim)
     live = [x for x in nodes if x is not victim]
@@ -423,6 +380,7 @@ async def test_status_json_shows_failure_counters(clusters) -> None:
         DETECT + SLACK,
         "ring repaired after a kill",
         lambda: f"{tag} victim node{victim.index}",
+        show=brief,
     )
 
     def status(node: ClusterNode) -> dict[str, Any]:

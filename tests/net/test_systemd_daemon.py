@@ -7,14 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -73,14 +71,6 @@ class FakeSystemd:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """AF_UNIX paths are limited to 107 bytes: keep the socket out of pytest's long tmp_path."""
-    path = Path(tempfile.mkdtemp(prefix="sdn-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

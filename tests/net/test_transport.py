@@ -40,50 +40,44 @@ async def make_transport() -> AsyncIterator[Callable[..., object]]:
         await t.close()
 
 
-async def until(cond: Callable[[], object], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.005)
-
-
-async def test_messages_flow_both_ways_on_one_connection(make_transport) -> None:
+async def test_messages_flow_both_ways_on_one_connection(make_transport, wait_until) -> None:
     a, a_in, _ = await make_transport(1)
     b, b_in, _ = await make_transport(2)
     for seq in range(100):
         a.send_nowait(b.me.address, Ping(seq=seq))
-    await until(lambda: len(b_in) == 100)
+    await wait_until(lambda: len(b_in) == 100, 5.0)
     assert [m.seq for _, m in b_in] == list(range(100))  # in order
     assert {src for src, _ in b_in} == {a.me}
     b.send_nowait(a.me.address, Ping(seq=1000))  # the reply rides the inbound connection
-    await until(lambda: len(a_in) == 1)
+    await wait_until(lambda: len(a_in) == 1, 5.0)
     assert a_in[0] == (Peer(2, b.me.address), Ping(seq=1000))
     assert a.counters["connections_out"] == 1 and b.counters["connections_out"] == 0
     assert a.counters["frames_out"] == 100 and b.counters["frames_in"] == 100
 
 
-async def test_message_to_own_address_is_delivered_locally(make_transport) -> None:
+async def test_message_to_own_address_is_delivered_locally(make_transport, wait_until) -> None:
     a, a_in, _ = await make_transport(1)
     a.send_nowait(a.me.address, Ping(seq=5))
     assert a_in == []  # never re-entrant: delivered on the next loop turn
-    await until(lambda: a_in == [(a.me, Ping(seq=5))])
+    await wait_until(lambda: a_in == [(a.me, Ping(seq=5))], 5.0)
     assert a.open_connections == 0
 
 
-async def test_refused_connection_reports_unreachable_and_reconnects_later(make_transport) -> None:
+async def test_refused_connection_reports_unreachable_and_reconnects_later(make_transport, wait_until) -> None:
     a, _, unreachable = await make_transport(1)
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
     a.send_nowait(address, Ping(seq=1))
     a.send_nowait(address, Ping(seq=2))
-    await until(lambda: unreachable == [address])
+    await wait_until(lambda: unreachable == [address], 5.0)
     assert a.counters["connect_failures"] == 1 and a.counters["dropped_frames"] == 2
     b, b_in, _ = await make_transport(2)  # on demand: the next send dials again
     a.send_nowait(b.me.address, Ping(seq=3))
-    await until(lambda: len(b_in) == 1)
+    await wait_until(lambda: len(b_in) == 1, 5.0)
 
 
-async def test_queue_is_bounded_while_the_handshake_hangs(make_transport) -> None:
+async def test_queue_is_bounded_while_the_handshake_hangs(make_transport, wait_until) -> None:
     a, _, unreachable = await make_transport(1, send_queue_frames=4, connect_timeout=0.3)
     with socket.socket() as silent:  # accepts TCP (backlog) but never answers the Hello
         silent.bind(("127.0.0.1", 0))
@@ -92,11 +86,11 @@ async def test_queue_is_bounded_while_the_handshake_hangs(make_transport) -> Non
         for seq in range(10):
             a.send_nowait(address, Ping(seq=seq))
         assert a.counters["dropped_frames"] == 6
-        await until(lambda: unreachable == [address], timeout=3)
+        await wait_until(lambda: unreachable == [address], 3)
     assert a.counters["connect_failures"] == 1 and a.counters["dropped_frames"] == 10
 
 
-async def test_backpressure_pauses_queues_drops_and_resumes(make_transport) -> None:
+async def test_backpressure_pauses_queues_drops_and_resumes(make_transport, wait_until) -> None:
     a, _, _ = await make_transport(1, send_queue_frames=16)
     got: list[Message] = []
     reading = asyncio.Event()
@@ -133,7 +127,7 @@ async def test_backpressure_pauses_queues_drops_and_resumes(make_transport) -> N
                     await asyncio.sleep(0)
         assert a.peers()[0]["queued"] == 16
         reading.set()
-        await until(lambda: len(got) == sent - a.counters["dropped_frames"], timeout=10)
+        await wait_until(lambda: len(got) == sent - a.counters["dropped_frames"], 10)
         assert a.peers()[0]["queued"] == 0 and a.counters["dropped_frames"] == 1
         assert all(m == big for m in got)
         await a.close()
@@ -141,12 +135,12 @@ async def test_backpressure_pauses_queues_drops_and_resumes(make_transport) -> N
             await finished.wait()
 
 
-async def test_idle_connections_are_closed(make_transport) -> None:
+async def test_idle_connections_are_closed(make_transport, wait_until) -> None:
     a, _, unreachable = await make_transport(1, idle_timeout=0.2)
     b, b_in, _ = await make_transport(2, idle_timeout=0.2)
     a.send_nowait(b.me.address, Ping(seq=1))
-    await until(lambda: len(b_in) == 1)
-    await until(lambda: a.open_connections == 0 and b.open_connections == 0, timeout=3)
+    await wait_until(lambda: len(b_in) == 1, 5.0)
+    await wait_until(lambda: a.open_connections == 0 and b.open_connections == 0, 3)
     assert a.counters["idle_closed"] + b.counters["idle_closed"] >= 1
     a.send_nowait(b.me.address, Ping(seq=2))  # and it reconnects on demand
-    await until(lambda: len(b_in) == 2)
+    await wait_until(lambda: len(b_in) == 2, 5.0)
