@@ -538,21 +538,34 @@ class JobMachine:
         if st is None:
             return
         for lo, hi in gaps:
-            def found(ev: LookupDone, t: float, lo: int = lo, hi: int = hi) -> None:
-                cur = self.jobs.get(job)
-                if cur is None or (cur.round, cur.attempt) != (round_, attempt) or ev.node is None:
-                    return
-                d = distance(self.me.id, ev.node.id)
-                if ev.node.id == self.me.id or not lo <= d < hi:
-                    self.agg.gap_empty(t, key, lo, hi)  # the first live node after the gap's start is past it
-                    return
-                if d > lo:
-                    self.agg.gap_empty(t, key, lo, d)  # nobody lives between the gap's start and this node
-                notice = JobRound(job, cur.spec.model_dump_json(), round_, attempt, self.me, hi & MASK, (self.me,),
-                                  ALL_TRAIN if not cur.spec.nodes_per_round else 0, 0, cur.parts, repair=True)
-                self._send(ev.node, notice)
+            self._find_gap_member(key, lo, hi, now, skips=0)
 
-            self._lookup((self.me.id + lo) & MASK, now, found)
+    def _find_gap_member(self, key: InstanceKey, lo: int, hi: int, now: float, skips: int) -> None:
+        """Look up the first live node at or after distance ``lo`` (from us, the root); ask it to re-cover
+        ``[its distance, hi)``; the part before it holds no live node. A node the detector has declared
+        dead is stepped over (at most 8 in a row per gap and repair round)."""
+        job, round_, attempt, _ = key
+
+        def found(ev: LookupDone, t: float) -> None:
+            cur = self.jobs.get(job)
+            if cur is None or (cur.round, cur.attempt) != (round_, attempt) or ev.node is None:
+                return
+            d = distance(self.me.id, ev.node.id)
+            if ev.node.id == self.me.id or not lo <= d < hi:
+                self.agg.gap_empty(t, key, lo, hi)  # the first live node after the gap's start is past it
+                return
+            if d > lo:
+                self.agg.gap_empty(t, key, lo, d)  # nobody lives between the gap's start and this node
+            if self._is_dead(ev.node.id):
+                self.agg.gap_empty(t, key, d, d + 1)
+                if skips < 8 and d + 1 < hi:
+                    self._find_gap_member(key, d + 1, hi, t, skips + 1)
+                return
+            notice = JobRound(job, cur.spec.model_dump_json(), round_, attempt, self.me, hi & MASK, (self.me,),
+                              ALL_TRAIN if not cur.spec.nodes_per_round else 0, 0, cur.parts, repair=True)
+            self._send(ev.node, notice)
+
+        self._lookup((self.me.id + lo) & MASK, now, found)
 
     # ---- members -------------------------------------------------------------------------------------
 
