@@ -228,6 +228,21 @@ class TreeAggregator(Generic[P]):
             self.counters["pending_sent"] += 1
             self._send(inst.root, JobPending(key[0], key[1], key[2]))
 
+    def add_empty(self, now: float, key: InstanceKey, lo: int, hi: int) -> None:
+        """The ring holds no live member in ``[lo, hi)`` (a dead child's own range): cover it with nothing,
+        unless something we hold already covers part of it."""
+        inst = self._instances.get(key)
+        if inst is None or inst.done or hi <= lo:
+            return
+        piece: _Piece[P] = _Piece(Spans.of(lo, min(hi, inst.hi)), 0, 0, None)
+        if piece.spans.intersects(inst.counted if not inst.is_root else inst.cover_spans):
+            return
+        if inst.is_root:
+            self.gap_empty(now, key, lo, hi)
+            return
+        self._take(now, inst, piece, None)
+        self._progress(now, inst)
+
     def gap_empty(self, now: float, key: InstanceKey, lo: int, hi: int) -> None:
         """Root: the ring holds no live member in ``[lo, hi)``: stop waiting for it."""
         inst = self._instances.get(key)

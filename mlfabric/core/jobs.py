@@ -218,6 +218,7 @@ class JobMachine:
                                                        repair=self._repair, finished=self._root_finished)
         self._now = 0.0
         self._committing: dict[tuple[str, int, int], RootResult[Any]] = {}
+        self._timers: list[tuple[float, Callable[[float], None]]] = []  # short retries
         self.last_error: str | None = None
         self.counters = {"job_messages_in": 0, "job_messages_out": 0, "bad_messages": 0, "jobs_refused": 0,
                          "rounds_completed": 0, "rounds_trained": 0, "takeovers": 0, "notices_resent": 0,
@@ -383,6 +384,8 @@ class JobMachine:
         """``node`` died or left: fail over what waits on it, re-delegate its range, maybe take over."""
         self.agg.peer_dead(now, node)
         for st in self.jobs.values():
+            if st.root is not None and any(c.id == node for c, _ in st.children):
+                self._close_dead_child(st, node, now)
             un = st.unacked.pop(node, None)
             if un is not None:
                 self._redelegate(st, node, un, now)
@@ -396,6 +399,11 @@ class JobMachine:
     def handle_timer(self, now: float) -> None:
         self._now = now
         self.agg.handle_timer(now)
+        if self._timers:
+            due = [fn for at, fn in self._timers if at <= now]
+            self._timers = [(at, fn) for at, fn in self._timers if at > now]
+            for fn in due:
+                fn(now)
         for st in list(self.jobs.values()):
             if st.pending_fanout is not None and now >= st.pending_fanout[4]:
                 self._release_fanout(st, now)
@@ -418,7 +426,7 @@ class JobMachine:
                     self._take_over(st, now, "resumed after restart", min_attempt=st.record.attempt + 1)
 
     def next_deadline(self) -> float | None:
-        times = [self.agg.next_deadline()]
+        times = [self.agg.next_deadline(), *(at for at, _ in self._timers)]
         for st in self.jobs.values():
             if st.pending_fanout is not None:
                 times.append(st.pending_fanout[4])
@@ -437,6 +445,9 @@ class JobMachine:
 
     def _dead(self, node: int) -> bool:
         return self._is_dead(node)
+
+    def _later(self, at: float, fn: Callable[[float], None]) -> None:
+        self._timers.append((at, fn))
 
     def _lookup(self, key: int, now: float, done: Callable[[LookupDone, float], None]) -> int:
         token = self.chord.lookup(key, now)
@@ -793,6 +804,31 @@ class JobMachine:
         st.unacked.pop(src.id, None)
         if st.pending_fanout is not None and st.pending_fanout[3].id == src.id:
             self._release_fanout(st, now)
+
+    def _close_dead_child(self, st: _Job, dead: int, now: float, tries: int = 0) -> None:
+        """A child of ours died this round: the range from it to the next live node holds nobody alive
+        (its own part); cover it with nothing so we need not wait out our deadline for it (its children
+        send their partials to us, their next ancestor)."""
+        if st.root is None or not any(c.id == dead for c, _ in st.children):
+            return
+        root_id, job, round_, attempt = st.root.id, st.spec.job_id, st.round, st.attempt
+        key = (job, round_, attempt, distance(root_id, self.me.id))
+        child_hi = next(h for c, h in st.children if c.id == dead)
+        d_dead = distance(root_id, dead)
+
+        def found(ev: LookupDone, t: float) -> None:
+            cur = self.jobs.get(job)
+            if cur is None or (cur.round, cur.attempt) != (round_, attempt) or ev.node is None:
+                return
+            if ev.node.id == dead or self._is_dead(ev.node.id):
+                if tries < 4:  # the ring has not dropped it yet: look again shortly
+                    self._later(t + self.cfg.takeover_delay / 2, lambda t2: self._close_dead_child(st, dead, t2, tries + 1))
+                return
+            d_next = distance(root_id, ev.node.id)
+            end = child_hi if ev.node.id == root_id or not d_dead < d_next < child_hi else d_next
+            self.agg.add_empty(t, key, d_dead, end)
+
+        self._lookup((dead + 1) & MASK, now, found)
 
     def _redelegate(self, st: _Job, dead: int, unacked: tuple[JobRound, Any, float], now: float) -> None:
         """A child died before it acknowledged its notice: give its range to the next routing entry in it."""
