@@ -148,8 +148,7 @@ def _cmd_job_submit(args: argparse.Namespace) -> int:
 
     params = {"job_id": args.job_id or f"{args.task.split(':')[-1]}-{int(time.time())}", "task": args.task,
               "rounds": args.rounds, "local_epochs": args.local_epochs, "nodes_per_round": args.nodes_per_round,
-              "lr": args.lr, "batch_size": args.batch_size, "seed": args.job_seed, "parents": args.parents,
-              "shard_bytes": args.shard_bytes, "replicas": args.replicas}
+              "lr": args.lr, "batch_size": args.batch_size, "seed": args.job_seed}
     query = urlencode({k: v for k, v in params.items() if v is not None})
     address = _control_address(args)
     code, body = _get(address, f"/job/submit?{query}", args.timeout)
@@ -160,24 +159,32 @@ def _cmd_job_submit(args: argparse.Namespace) -> int:
         print(json.dumps(body))
     else:
         coord = body["coordinator"]
-        print(f"job {body['job']} submitted; coordinator {coord['id']:016x} at {coord['address']}")
+        print(f"job {body['job']} submitted ({body['rounds']} rounds); coordinator {coord['id']:016x} at "
+              f"{coord['address']}")
         print(f"follow it with: mlfabric job status --job {body['job']} --node {address}")
     return 0
+
+
+def _metric(value: Any, fmt: str, scale: float = 1.0) -> str:
+    return "-" if not isinstance(value, int | float) else format(value * scale, fmt)
 
 
 def format_job(j: dict[str, Any]) -> str:
     spec = j.get("spec", {})
     hist = j.get("history", [])
+    host = j.get("host", {})
     lines = [f"job {j['job']}: {j.get('status', '?')} ({j.get('role')}), task {spec.get('task', '?')}, "
-             f"round {j.get('round', j.get('current_round', '?'))}/{spec.get('rounds', '?')}, "
-             f"failures survived {len(j.get('failures', []))}"]
+             f"{len(hist)}/{spec.get('rounds', '?')} rounds recorded, model version {host.get('model_version', 0)} "
+             f"here, attempt {j.get('attempt', 0)}"]
     if hist:
         lines.append(f"  {'round':>5} {'updates':>7} {'members':>7} {'test loss':>9} {'accuracy':>8} {'seconds':>7}")
         for h in hist[-10:]:
-            lines.append(f"  {h['round']:>5} {h['participants']:>7} {h['members']:>7} {h['test_loss']:>9.4f} "
-                         f"{h['test_accuracy'] * 100:>7.2f}% {h['seconds']:>7.2f}")
-    for f in j.get("failures", []):
-        lines.append(f"  failure: node {f['node']} in round {f['round']} ({f['how']})")
+            lines.append(f"  {h['round']:>5} {h.get('updates', 0):>7} {h.get('members', 0):>7} "
+                         f"{_metric(h.get('test_loss'), '9.4f'):>9} {_metric(h.get('test_accuracy'), '7.2f', 100):>7}% "
+                         f"{h.get('seconds', 0.0):>7.2f}")
+    for e in j.get("events", []):
+        lines.append(f"  coordinator {e.get('node')} from round {e.get('round')}, attempt {e.get('attempt')}: "
+                     f"{e.get('event')}")
     return "\n".join(lines)
 
 
@@ -280,13 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit = jsub.add_parser("submit", help="store a job on the ring; every node takes part")
     submit.add_argument("--task", default="digits", help="'digits' (built in) or package.module:attr")
     submit.add_argument("--rounds", type=int, default=None, help="default: the task's")
-    submit.add_argument("--shard-bytes", type=int, default=None, help="largest model shard (default 16 KiB)")
-    submit.add_argument("--replicas", type=int, default=None, help="shard owner + replicas (default 2)")
     submit.add_argument("--local-epochs", type=int, default=None, help="default: the task's")
     submit.add_argument("--nodes-per-round", type=int, default=None, help="trainers sampled per round (default all)")
     submit.add_argument("--lr", type=float, default=None, help="default: the task's")
     submit.add_argument("--batch-size", type=int, default=None, help="default: the task's")
-    submit.add_argument("--parents", type=int, default=None, help="skip-mesh parents per node (1: plain tree)")
     submit.add_argument("--job-seed", type=int, default=None, help="model init and data split seed (default 0)")
     submit.add_argument("--job-id", default=None, help="job name (default TASK-<unix time>)")
     where(submit)

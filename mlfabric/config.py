@@ -187,6 +187,9 @@ class Settings(BaseSettings):
     preload_torch: bool = Field(False, description="Import torch at start, before joining the ring (training "
                                 "nodes): importing it when the first job arrives costs seconds of CPU that delay "
                                 "the node's answers to failure probes.")
+    torch_threads: int = Field(1, ge=1, le=1024, description="Intra-op threads torch may use for training "
+                               "(torch.set_num_threads). One by default: the event loop needs the other cores' "
+                               "time slices, and several daemons often share a machine; raise it on a big server.")
     overlay: OverlayConfig = Field(default_factory=OverlayConfig, description="Chord overlay timers and sizes.")
     failure: FailureConfig = Field(default_factory=FailureConfig, description="Failure detection and propagation.")
     transport: TransportConfig = Field(default_factory=TransportConfig, description="TCP lanes and their limits.")

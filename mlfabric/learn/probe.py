@@ -1,16 +1,19 @@
 """``mlfabric.learn.probe:IndexTask``: a task that checks aggregation itself, not learning.
 
-Every node's "trained" model is a vector filled with ``its roster index + 1``, with FedAvg weight 1,
-so the average the job produces for each shard times that shard's number of contributors must be
-exactly the sum of ``index + 1`` over those contributors (small integers: exact in float32).
-Useful on a new cluster (``mlfabric job submit --task mlfabric.learn.probe:IndexTask``) and in the
-tests that kill aggregators. ``MLFABRIC_PROBE_DELAY`` (seconds) makes training take that long, so a
-test can kill a node while a round is in progress.
+Every node's "trained" model is a vector filled with ``its data part + 1`` (the part is the node's
+rank in the job, ``rank % parts``), with FedAvg weight 1, so the round's average times its number
+of updates must be exactly the sum of ``part + 1`` over the nodes counted (small integers: exact in
+float32). Useful on a new cluster (``mlfabric job submit --task mlfabric.learn.probe:IndexTask``)
+and in the tests that kill aggregators.
+
+``mlfabric.learn.probe:SlowIndexTask`` is the same with training that takes ``0.1 s`` per local
+epoch, so the job's ``local_epochs`` sets how long a round trains (``--local-epochs 20``: 2 s) and a
+test can kill nodes while a round is in progress. The delay is part of the task, named by its spec
+string, like everything else a job runs (no environment knob).
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -18,7 +21,7 @@ from torch import nn
 
 from mlfabric.learn.tasks import LocalData, TrainResult
 
-__all__ = ["IndexTask", "ProbeModel"]
+__all__ = ["IndexTask", "ProbeModel", "SlowIndexTask"]
 
 
 class ProbeModel(nn.Module):
@@ -34,6 +37,8 @@ class IndexTask:
     default_lr = 1.0
     default_batch_size = 1
 
+    delay_per_epoch = 0.0  # seconds of "training" per local epoch
+
     def __init__(self, size: int = 4096) -> None:
         self.size = size
 
@@ -48,9 +53,8 @@ class IndexTask:
 
     def train_local(self, model: nn.Module, data: LocalData, epochs: int, lr: float, batch_size: int,
                     seed: int) -> TrainResult:
-        delay = float(os.environ.get("MLFABRIC_PROBE_DELAY", "0") or 0)
-        if delay > 0:
-            time.sleep(delay)
+        if self.delay_per_epoch > 0:
+            time.sleep(self.delay_per_epoch * epochs)
         with torch.no_grad():
             model.value.fill_(float(data.x[0, 0].item()) + 1.0)
         return TrainResult(n_samples=1, loss=0.0)
@@ -58,3 +62,10 @@ class IndexTask:
     def evaluate(self, model: nn.Module, data: LocalData) -> tuple[float, float]:
         """(mean value, 0): the mean tells the test what the average was."""
         return float(model.value.mean().item()), 0.0
+
+
+class SlowIndexTask(IndexTask):
+    """IndexTask whose training takes 0.1 s per local epoch (the job's ``local_epochs``)."""
+
+    name = "probe-slow"
+    delay_per_epoch = 0.1

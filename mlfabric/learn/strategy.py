@@ -9,6 +9,8 @@ to its parent, and the shard's root divides once at the end. FedAvg is associati
     finalize((s, w)) = s / w = sum_i n_i x_i / sum_i n_i
 
 so the order and grouping of merges do not change the result (up to float32 rounding).
+:class:`FedAvg` is that arithmetic as the job machine's payload strategy
+(:class:`mlfabric.core.aggregate.Strategy`): partials up the tree, flat model tensors down it.
 
 The strategy is pure arithmetic on flat 1-D float32 CPU tensors (one shard, see ``shards.py``):
 no I/O, no clock. Which contributors a partial holds, and never counting one twice, is the
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Partial", "contribution", "finalize", "merge"]
+__all__ = ["FedAvg", "Partial", "contribution", "finalize", "merge"]
 
 
 @dataclass(slots=True)
@@ -68,3 +70,19 @@ def finalize(p: Partial) -> torch.Tensor:
     if p.weight <= 0:
         raise ValueError(f"cannot finalize a partial of weight {p.weight}")
     return p.weighted_sum / float(p.weight)
+
+
+@dataclass(frozen=True, slots=True)
+class FedAvg:
+    """FedAvg as the job machine's strategy (``core.aggregate.Strategy[Partial]``). ``nbytes`` also
+    sizes the flat model tensors that travel down a round's tree with its notice."""
+
+    def merge(self, into: Partial, other: Partial) -> Partial:
+        return merge(into, other)
+
+    def copy(self, payload: Partial) -> Partial:
+        return Partial(payload.weighted_sum.clone(), payload.weight)
+
+    def nbytes(self, payload: Partial | torch.Tensor) -> int:
+        t = payload.weighted_sum if isinstance(payload, Partial) else payload
+        return t.numel() * t.element_size()

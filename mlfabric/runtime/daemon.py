@@ -45,7 +45,7 @@ from mlfabric.runtime.bulk import BlobHandler
 from mlfabric.runtime.control import ControlServer, Response
 from mlfabric.runtime.driver import NodeDriver
 from mlfabric.runtime.files import write_atomic
-from mlfabric.runtime.jobs import JOB_MESSAGES, JobService, submit_query_to_spec
+from mlfabric.runtime.jobs import JobHost, LazyFedAvg, submit_query_to_spec
 from mlfabric.runtime.systemd import SystemdNotifier, first_join_bound, notify_lifecycle
 from mlfabric.runtime.transport import Transport
 from mlfabric.wire.blob import TensorBlob
@@ -162,7 +162,7 @@ class Daemon:
         self.transport: Transport | None = None
         self.control: ControlServer | None = None
         self.control_address: str | None = None
-        self.jobs: JobService | None = None
+        self.jobs: JobHost | None = None
         self._lookup_hist = [0] * len(LOOKUP_BUCKETS)
         self._lookup_over = 0
         self._lookup_sum = 0.0
@@ -222,12 +222,20 @@ class Daemon:
             logger.warning("listening on a wildcard address without --advertise: peers are told %s", advertise)
         self.peer = Peer(ring_id(node_key), advertise)
         incarnation = next_incarnation(self.data_dir)
-        self.core = NodeCore(self.peer, settings.overlay, random.Random(self.rng_seed),
-                             failure=settings.failure, incarnation=incarnation)
-        self.driver = NodeDriver(self.core, self.transport)
-        self.driver.listeners.append(self._log_event)
-        self.jobs = JobService(self)
-        self.jobs.start()
+        self.core = NodeCore(self.peer, settings.overlay, random.Random(self.rng_seed), failure=settings.failure,
+                             incarnation=incarnation, jobs=settings.jobs, strategy=LazyFedAvg(), tasks=settings.tasks)
+        self.driver = driver = NodeDriver(self.core, self.transport)
+        driver.listeners.append(self._log_event)
+        transport = self.transport
+        assert self.core.jobs is not None
+        self.jobs = JobHost(
+            self.core.jobs, call=driver.call, deliver=driver.on_message,
+            send_blob=lambda address, name, blob, timeout: transport.bulk.send(address, name, blob, timeout=timeout),
+            data_dir=self.data_dir, tasks=settings.tasks, torch_threads=settings.torch_threads,
+            send_timeout=settings.jobs.result_timeout)
+        driver.bulk = self.jobs.send_payload
+        driver.listeners.append(self.jobs.on_event)
+        await self.jobs.restore()  # stored jobs go back to the core before the node joins
         await self.transport.start(self.peer, self._dispatch_message, self._dispatch_unreachable)
         self.control = ControlServer({"/status": self._status_route, "/lookup": self._lookup_route,
                                       "/metrics": self._metrics_route, "/jobs": self._jobs_route,
@@ -245,15 +253,13 @@ class Daemon:
         if self._stopped:
             return
         self._stopped = True
-        if self.jobs is not None:
-            if leave:
-                self.jobs.leaving()
-            await self.jobs.close()
         if leave and self.driver is not None and self.transport is not None and self.core is not None:
             if self.core.chord.joined:
-                self.driver.leave()
+                self.driver.leave()  # the core hands the jobs it coordinates to its successor, then leaves
                 wait = self.settings.transport.connect_timeout if timeout is None else timeout
                 await self.transport.drain(wait)
+        if self.jobs is not None:
+            await self.jobs.close()
         await self._teardown()
         logger.info("node stopped")
 
@@ -342,21 +348,27 @@ class Daemon:
         out["transport"] = dict(self.transport.counters)
         out["open_connections"] = self.transport.open_connections
         out["peers"] = self.transport.peers()
-        if self.jobs is not None:
-            out["jobs"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.jobs.counters.items()}
+        out["jobs"] = self._job_counters()
+        return out
+
+    def _job_counters(self) -> dict[str, float]:
+        """The job machine's, its aggregator's and the host's public counters, one flat dict."""
+        if self.core is None or self.core.jobs is None or self.jobs is None:
+            return {}
+        out: dict[str, float] = {}
+        for source in (self.core.jobs.counters, self.core.jobs.agg.counters, self.jobs.counters):
+            for k, v in source.items():
+                assert k not in out, f"job counter {k} twice"
+                out[k] = round(v, 6) if isinstance(v, float) else v
         return out
 
     def _dispatch_message(self, src: Peer, msg: Message) -> None:
-        if self.jobs is not None and isinstance(msg, JOB_MESSAGES):
-            self.jobs.handle(src, msg)
-        elif self.driver is not None:
+        if self.driver is not None:
             self.driver.on_message(src, msg)
 
     def _dispatch_unreachable(self, address: str) -> None:
         if self.driver is not None:
             self.driver.on_unreachable(address)
-        if self.jobs is not None:
-            self.jobs.on_unreachable(address)
 
     def _dispatch_blob(self, src: Peer, name: str, blob: TensorBlob) -> None:
         if self.jobs is not None and self.jobs.on_blob(src, name, blob):
@@ -416,24 +428,14 @@ class Daemon:
         lines.append(f'mlfabric_lookup_seconds_bucket{{le="+Inf"}} {total}')
         lines.append(f"mlfabric_lookup_seconds_sum {self._lookup_sum:.6f}")
         lines.append(f"mlfabric_lookup_seconds_count {total}")
-        if self.jobs is not None:
-            jobs = self.jobs
-            metric("job_rounds_completed_total", "counter", "training rounds whose result this node applied",
-                   jobs.counters["rounds_completed"])
-            metric("job_rounds_trained_total", "counter", "rounds in which this node trained and contributed",
-                   jobs.counters["rounds_trained"])
-            metric("aggregation_seconds_total", "counter", "seconds from round start to the applied result, summed",
-                   round(jobs.counters["aggregation_seconds_total"], 6))
-            metric("aggregation_last_seconds", "gauge", "seconds from start to applied result of the last round",
-                   jobs.last_aggregation_s or 0.0)
-            metric("job_members", "gauge", "members of the rounds in progress here",
-                   sum(len(r.members) for r in jobs.rounds.values()))
-            for name in ("partials_sent", "partials_received", "finals_received", "bulk_send_failures", "bad_blobs"):
-                metric(f"job_{name}_total", "counter", f"job {name.replace('_', ' ')}", jobs.counters[name])
-            if jobs._agg is not None:
-                for name, value in sorted(jobs._agg.counters.items()):
-                    metric(f"aggregator_{name}_total", "counter", f"skip-mesh aggregator {name.replace('_', ' ')}",
-                           value)
+        for name, value in sorted(self._job_counters().items()):
+            if name == "aggregation_seconds_total":
+                metric(name, "counter", "seconds between successive models applied here, summed", value)
+            else:
+                name = name.removeprefix("job_")
+                metric(f"job_{name}_total", "counter", f"training jobs: {name.replace('_', ' ')}", value)
+        if self.core.jobs is not None:
+            metric("jobs", "gauge", "training jobs this node knows", len(self.core.jobs.jobs))
         return Response(200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4")
 
     async def _lookup_route(self, query: dict[str, str]) -> Response:

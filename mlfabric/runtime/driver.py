@@ -1,10 +1,12 @@
 """NodeDriver: runs one sans-IO NodeCore on asyncio (aioquic's shape, STYLE.md Example 5).
 
 The driver is the only place that reads the clock for the core and the only timer the core has: after
-every input (a message, an unreachable peer, the timer, a local call) it flushes the core's outbox into
-``Transport.send_nowait``, dispatches the core's events to waiters, and re-arms a single ``call_at``
-for ``core.next_deadline()``. Also: :func:`loop_factory` / :func:`run`, which use uvloop when present.
-Must not import torch.
+every input (a message, an unreachable peer, the timer, a local call through :meth:`NodeDriver.call`)
+it flushes the core's outbox, dispatches the core's events to waiters and listeners, and re-arms a
+single ``call_at`` for ``core.next_deadline()``. Outbox items go to ``Transport.send_nowait``, except
+those that carry a payload (:class:`~mlfabric.core.aggregate.WithPayload`), which go to the ``bulk``
+port (the job host's bulk-lane sender); one whose payload is None is a plain message.
+Also: :func:`loop_factory` / :func:`run`, which use uvloop when present. Must not import torch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
+from mlfabric.core.aggregate import WithPayload
 from mlfabric.core.events import Event, LookupDone
 from mlfabric.core.node import NodeCore
 from mlfabric.wire.messages import Message, Peer
@@ -22,6 +25,7 @@ from mlfabric.wire.messages import Message, Peer
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+BulkSender = Callable[[str, WithPayload], None]
 HISTORY = 256  # recent events kept for wait_for(include_past=True) and /status
 
 
@@ -47,9 +51,11 @@ def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
 class NodeDriver:
     """Drives ``core`` with real time and a real transport. Create inside a running loop."""
 
-    def __init__(self, core: NodeCore, transport: Sender) -> None:
+    def __init__(self, core: NodeCore, transport: Sender, bulk: BulkSender | None = None) -> None:
         self.core = core
         self._transport = transport
+        self.bulk = bulk  # where payload-carrying outbox items go (None: dropped, counted)
+        self.dropped_payloads = 0
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -66,7 +72,7 @@ class NodeDriver:
         self.core.bootstrap(list(seeds), now=self._loop.time())
         self._flush()
 
-    def on_message(self, src: Peer, msg: Message) -> None:
+    def on_message(self, src: Peer, msg: Message | WithPayload) -> None:
         if self.stopped:
             return
         self.core.receive(src, msg, now=self._loop.time())
@@ -89,6 +95,16 @@ class NodeDriver:
         now = self._loop.time()
         self.core.handle_timer(now=now if at is None else max(now, at))
         self._flush()
+
+    def call(self, fn: Callable[[float], T]) -> T:
+        """A direct input: ``fn(now)`` on the core with the loop clock (the job host's ``trained``,
+        ``commit``, ``submit`` ...), then the flush. Call it on the loop thread."""
+        if self.stopped:
+            raise RuntimeError("driver stopped")
+        try:
+            return fn(self._loop.time())
+        finally:
+            self._flush()
 
     def leave(self) -> None:
         """Graceful leave (Chord §4.4): the core sends Leaving to its neighbours; flushed at once."""
@@ -116,7 +132,14 @@ class NodeDriver:
 
     def _flush(self) -> None:
         for dst, msg in self.core.drain_outbox():
-            self._transport.send_nowait(dst, msg)  # per-peer bounded queue; never awaits
+            if not isinstance(msg, WithPayload):
+                self._transport.send_nowait(dst, msg)  # per-peer bounded queue; never awaits
+            elif msg.payload is None:
+                self._transport.send_nowait(dst, msg.msg)
+            elif self.bulk is not None:
+                self.bulk(dst, msg)
+            else:
+                self.dropped_payloads += 1
         while (event := self.core.next_event()) is not None:
             self._dispatch(event)
         at = self.core.next_deadline()
