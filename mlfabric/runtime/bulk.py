@@ -51,7 +51,7 @@ BlobHandler = Callable[[Peer, str, TensorBlob], None]
 Allocator = Callable[[Peer, str, str, tuple[int, ...], int], "bytearray | memoryview | mmap.mmap | None"]
 
 ACK: Final = b"\x06"
-MAX_HEADER: Final = 4096  # name (<= 256 chars) + dtype + 8 dims + meta (<= 3072 bytes): ~3.5 KiB at most
+MAX_HEADER: Final = 64 << 10  # name (<= 256 chars) + dtype + 8 dims + meta (<= wire.blob.MAX_META, 60 KiB): < 62 KiB
 CHUNK: Final = 1 << 20  # sender slice; the socket buffer's high-water mark bounds what is queued
 HIGH_WATER: Final = 4 << 20
 POPULATE_MIN: Final = 1 << 20
