@@ -42,6 +42,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from mlfabric.config import JobsConfig
 from mlfabric.core.ring import SIZE
 from mlfabric.core.spans import FULL, Spans
+from mlfabric.errors import RemoteProtocolError
 from mlfabric.wire.messages import MAX_SPANS, JobAck, JobPartial, JobPending, Message, Peer
 
 __all__ = ["DeadlineEstimator", "InstanceKey", "Strategy", "TreeAggregator", "WithPayload", "RootResult"]
@@ -352,6 +353,8 @@ class TreeAggregator(Generic[P]):
         self.counters["partials_received"] += 1
         # Acknowledge whatever happens: the sender must stop resending even if we drop it.
         self._send(src, JobAck(msg.job, msg.round, msg.attempt, msg.seq))
+        if msg.count > 0 and payload is None:
+            raise RemoteProtocolError("a partial with updates and no payload")
         spans = Spans.from_flat(msg.spans)
         piece = _Piece(spans, msg.count, msg.members, payload)
         # The instance whose range holds the partial (a repair instance and the round's own may both

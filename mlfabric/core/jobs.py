@@ -71,6 +71,7 @@ from mlfabric.core.events import (
     TrainRequested,
 )
 from mlfabric.core.ring import MASK, SIZE, distance, in_half_open, ring_id
+from mlfabric.core.spans import Spans
 from mlfabric.errors import RemoteProtocolError
 from mlfabric.wire.messages import (
     ALL_TRAIN,
@@ -374,6 +375,8 @@ class JobMachine:
                 return True
             case PeerDied() | PeerPurged():
                 self.peer_gone(ev.peer.id, now)
+                if isinstance(ev, PeerDied) and ev.exact and ev.pred is not None and ev.pred.id == self.me.id:
+                    self._report_empty_successor(ev.peer.id, now)
             case PredecessorChanged():
                 self._schedule_takeover_checks(now)
             case Joined():
@@ -804,6 +807,27 @@ class JobMachine:
         st.unacked.pop(src.id, None)
         if st.pending_fanout is not None and st.pending_fanout[3].id == src.id:
             self._release_fanout(st, now)
+
+    def _report_empty_successor(self, dead: int, now: float) -> None:
+        """We detected our successor's death and know the next live node exactly: the dead node's own range
+        holds nobody alive. Tell each open round's root directly (one small message per death), since
+        the dead node's parent may be dead too and nobody else could close that gap before the root's
+        repair."""
+        nxt = self.chord.successor
+        if nxt.id in (dead, self.me.id):
+            return
+        for st in self.jobs.values():
+            if st.root is None or st.record.status != "running" or st.round < 0:
+                continue
+            root_id = st.root.id
+            lo, hi = distance(root_id, dead), distance(root_id, nxt.id)
+            if not 0 < lo < hi:
+                continue
+            key = (st.spec.job_id, st.round, st.attempt, 0)
+            if st.coordinating:
+                self.agg.gap_empty(now, key, lo, hi)
+            elif not self._is_dead(root_id):
+                self._send(st.root, JobPartial(st.spec.job_id, st.round, st.attempt, 0, Spans.of(lo, hi).flat(), 0, 0))
 
     def _close_dead_child(self, st: _Job, dead: int, now: float, tries: int = 0) -> None:
         """A child of ours died this round: the range from it to the next live node holds nobody alive
