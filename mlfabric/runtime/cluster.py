@@ -182,6 +182,32 @@ def cluster_up(
     return cluster
 
 
+def cluster_add(cluster: Cluster, *, extra_args: list[str] | None = None, extra_env: dict[str, str] | None = None,
+                timeout: float = 30.0) -> ClusterNode:
+    """Start one more daemon in ``cluster`` (the next index, seeded by the first node still listed), for
+    a node that joins while a job runs; return it once it listens."""
+    if not cluster.nodes:
+        raise ClusterError("no node left to seed a new one")
+    index = max(n.index for n in cluster.nodes) + 1
+    node_dir = cluster.workdir / f"node{index}"
+    node_dir.mkdir(exist_ok=True)
+    log = node_dir / "log"
+    with contextlib.suppress(FileNotFoundError):
+        log.unlink()
+    cmd = node_command(index, node_dir, cluster.preset, cluster.nodes[0].address, list(extra_args or []))
+    proc = _spawn(cmd, log, extra_env)
+    cluster.procs[proc.pid] = proc
+    try:
+        node_id, address, control = _wait_ready({index: (proc, log)}, time.monotonic() + timeout)[index]
+    except BaseException:
+        terminate([proc.pid], 5.0, cluster.procs)
+        raise
+    node = ClusterNode(index, address, control, proc.pid, node_id, str(node_dir), str(log))
+    cluster.nodes.append(node)
+    cluster.save()
+    return node
+
+
 def load_cluster(workdir: Path | str) -> Cluster:
     workdir = Path(workdir)
     try:
