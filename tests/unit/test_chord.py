@@ -1,20 +1,20 @@
 """The Chord machine driven by hand on a virtual clock (core/chord.py, core/node.py): no simulator.
 
 Most tests put one real ``ChordMachine`` (node 8) into a ring of 16 evenly spaced ids, ``k << 60``.
-The rest of the ring is an :class:`Oracle` that answers the machine's requests at once from the ideal
-ring (zero latency), or not at all for the addresses in ``oracle.dead``; so the machine reaches its
-ideal state through its own protocol, and nothing private is touched. Each test then feeds single
-messages and timer ticks and checks what comes out. Expected values come from ``core/ring.py``'s
-``ideal_routing`` or are written out by hand, never from the machine itself.
+The rest of the ring is an ``IdealRing`` (tests/helpers/ideal_ring.py), the oracle, that answers the
+machine's requests at once from the ideal ring (zero latency), or not at all for the addresses in
+``oracle.gone`` (which nobody names any more either); so the machine reaches its ideal state through
+its own protocol, and nothing private is touched. Each test then feeds single messages and timer ticks
+and checks what comes out. Expected values come from ``core/ring.py``'s ``ideal_routing`` or are
+written out by hand, never from the machine itself.
 """
 
 from __future__ import annotations
 
 import random
-from bisect import bisect_left
-from collections.abc import Callable
 
 import pytest
+from helpers.ideal_ring import ALL, BY_ADDRESS, ME, IdealRing, K, P, changed
 
 from mlfabric.config import OverlayConfig
 from mlfabric.core.chord import ChordMachine
@@ -49,102 +49,20 @@ CFG = OverlayConfig(successors=R, lookup_fanout=FANOUT)
 
 
 def cfg_with(**changes: object) -> OverlayConfig:
-    """CFG with some fields changed, validated like any config."""
-    return OverlayConfig(**{**CFG.model_dump(), **changes})
-
-
-ME = 8
-ALL = list(range(16))
-
-
-def P(k: int) -> Peer:
-    """Node k of the evenly spaced ring: id k * 2^60."""
-    return Peer(k << 60, f"n{k}:7700")
-
-
-BY_ADDRESS = {P(k).address: P(k) for k in ALL}
-
-
-class Oracle:
-    """The rest of the ring, converged, answering at once. Knows the machine once it has notified."""
-
-    def __init__(self, ks: list[int], me: Peer, r: int = R) -> None:
-        self.members = {P(k).address: P(k) for k in ks if P(k) != me}
-        self.me = me
-        self.r = r
-        self.dead: set[str] = set()
-        # messages the test answers itself: kept in ``held`` instead of being answered
-        self.hold: Callable[[str, Message], bool] = lambda dst, msg: False
-        self.held: list[tuple[str, Message]] = []
-
-    def live(self) -> list[Peer]:
-        return sorted((p for a, p in self.members.items() if a not in self.dead), key=lambda p: p.id)
-
-    def successors(self, key: int) -> tuple[Peer, ...]:
-        live = self.live()
-        i = bisect_left([p.id for p in live], key)
-        return tuple(live[(i + j) % len(live)] for j in range(min(self.r, len(live))))
-
-    def predecessor(self, peer: Peer) -> Peer:
-        live = self.live()
-        return live[bisect_left([p.id for p in live], peer.id) - 1]
-
-    def answer(self, m: ChordMachine, now: float) -> list[tuple[str, Message]]:
-        """Deliver everything the machine sends, answering requests, until it goes quiet."""
-        sent: list[tuple[str, Message]] = []
-        for _ in range(1000):
-            out = m.drain_outbox()
-            if not out:
-                return sent
-            sent += out
-            for dst, msg in out:
-                if self.hold(dst, msg):
-                    self.held.append((dst, msg))
-                    continue
-                if dst in self.dead or dst not in self.members:
-                    continue
-                src = self.members[dst]
-                match msg:
-                    case FindSuccessor(req=req, key=key):
-                        m.receive(src, FindSuccessorReply(req=req, done=True, nodes=self.successors(key)), now)
-                    case GetNeighbors(req=req):
-                        m.receive(
-                            src,
-                            Neighbors(
-                                req=req, predecessor=self.predecessor(src), successors=self.successors(src.id + 1)
-                            ),
-                            now,
-                        )
-                    case Ping(seq=seq):
-                        m.receive(src, Pong(seq=seq), now)
-                    case Notify() if self.me.address not in self.members:
-                        # the ring learns the new node; its predecessor's next stabilize notifies it
-                        self.members[self.me.address] = self.me
-                        m.receive(self.predecessor(self.me), Notify(), now)
-        raise AssertionError("the machine never went quiet")
+    return changed(CFG, **changes)
 
 
 def step(
-    m: ChordMachine, oracle: Oracle, until: float, log: list[tuple[float, object]] | None = None
+    oracle: IdealRing[ChordMachine], until: float, log: list[tuple[float, object]] | None = None
 ) -> tuple[list[Event], list[tuple[str, Message]]]:
     """Fire the machine's timers up to ``until`` (virtual time), the oracle answering; what happened.
     ``log`` collects (time, event) and (time, (address, message)) in order."""
-    events: list[Event] = []
-    sent: list[tuple[str, Message]] = []
-    for _ in range(100_000):
-        at = m.next_deadline()
-        if at is None or at > until:
-            break
-        m.handle_timer(at)
-        out = oracle.answer(m, at)
-        evs = drain_events(m)
-        if log is not None:
-            log += [(at, e) for e in evs] + [(at, o) for o in out]
-        events += evs
-        sent += out
-    else:
-        raise AssertionError("timers never ran past `until`")
-    return events, sent
+    e0, s0 = len(oracle.events), len(oracle.sent)
+    oracle.run(until)
+    events, sent = oracle.events[e0:], oracle.sent[s0:]
+    if log is not None:
+        log += sorted([(t, e) for t, e in events] + [(t, (d, m)) for t, d, m in sent], key=lambda x: x[0])
+    return [e for _, e in events], [(d, m) for _, d, m in sent]
 
 
 def drain_events(m: ChordMachine | NodeCore) -> list[Event]:
@@ -161,27 +79,15 @@ def ideal(me: Peer, ks: list[int]) -> tuple[Peer, Peer, list[Peer]]:
     return by_id[pred], by_id[succ], [by_id[f] for f in fingers]
 
 
-def is_ideal(m: ChordMachine, ks: list[int]) -> bool:
-    pred, succ, fingers = ideal(m.me, ks)
-    ring = sorted(ks, key=lambda k: distance(m.me.id, P(k).id))
-    want_succs = [P(k) for k in ring if P(k) != m.me][:R]
-    return m.predecessor == pred and m.successors == want_succs and m.fingers == fingers and succ == want_succs[0]
-
-
-def converged(ks: list[int] = ALL, me: int = ME, cfg: OverlayConfig = CFG) -> tuple[ChordMachine, Oracle, float]:
+def converged(
+    ks: list[int] = ALL, me: int = ME, cfg: OverlayConfig = CFG
+) -> tuple[ChordMachine, IdealRing[ChordMachine], float]:
     """Node ``me`` joined through the protocol and holding its ideal state; returns (machine, oracle, now)."""
     m = ChordMachine(P(me), cfg, random.Random(f"test_chord:{me}"))
-    oracle = Oracle(ks, P(me), cfg.successors)
-    seed = next(k for k in ks if k != me)
-    m.bootstrap([P(seed).address], 0.0)
-    oracle.answer(m, 0.0)
-    now = 0.0
-    while not is_ideal(m, ks):
-        now += 0.5
-        assert now < 60, "the machine did not reach its ideal state against a perfect ring"
-        step(m, oracle, now)
+    oracle = IdealRing(m, [P(k) for k in ks], cfg.successors)
+    oracle.join(P(next(k for k in ks if k != me)).address)
     drain_events(m)
-    return m, oracle, now
+    return m, oracle, oracle.now
 
 
 def only(sent: list[tuple[str, Message]], kind: type[Message]) -> list[tuple[str, Message]]:
@@ -263,8 +169,6 @@ def serve(m: ChordMachine, key: int, req: int = 77) -> FindSuccessorReply:
     assert dst == src.address and isinstance(reply, FindSuccessorReply) and reply.req == req
     return reply
 
-
-K = 1 << 60
 
 
 @pytest.mark.parametrize(
@@ -361,10 +265,10 @@ def test_reply_from_the_wrong_address_or_for_an_unknown_req_is_ignored() -> None
 
 def test_late_reply_after_the_timeout_is_ignored() -> None:
     m, oracle, now = converged()
-    oracle.dead.add("n0:7700")
+    oracle.gone.add("n0:7700")
     token, _, req = start_far_lookup(m, now)
     m.handle_timer(now + CFG.rpc_timeout)
-    oracle.answer(m, now + CFG.rpc_timeout)  # the next candidate answers
+    oracle.answer(now + CFG.rpc_timeout)  # the next candidate answers
     [done] = [e for e in drain_events(m) if isinstance(e, LookupDone)]
     assert done.node == P(4)
     m.receive(P(0), FindSuccessorReply(req=req, done=True, nodes=(P(13),)), now + 1.5)
@@ -390,10 +294,10 @@ def test_reply_of_the_wrong_kind_is_dropped_not_raised() -> None:
 
 def test_successor_timeout_reports_the_peer_and_removes_it_everywhere() -> None:
     m, oracle, now = converged()
-    oracle.dead.add("n9:7700")
+    oracle.gone.add("n9:7700")
     crash_at = now
     log: list[tuple[float, object]] = []
-    events, sent = step(m, oracle, now + CFG.stabilize_interval + CFG.rpc_timeout, log)
+    events, sent = step(oracle, now + CFG.stabilize_interval + CFG.rpc_timeout, log)
     assert [e for e in events if isinstance(e, PeerUnresponsive)] == [PeerUnresponsive(P(9))]
     assert SuccessorChanged(P(10)) in events
     assert P(9) not in m.successors and P(9) not in m.fingers and m.successor == P(10)
@@ -407,16 +311,17 @@ def test_successor_timeout_reports_the_peer_and_removes_it_everywhere() -> None:
     assert asked_10 and asked_10[0] <= asked_9 + CFG.rpc_timeout
     # and then the node settles on the ideal state of the ring without node 9
     t = crash_at
-    while not is_ideal(m, [k for k in ALL if k != 9]):
+    while not oracle.converged():  # the truth: the ring without node 9, which is gone
         t += 0.5
-        assert t < crash_at + 30
-        step(m, oracle, t)
+        assert t < crash_at + 30, oracle.problems()
+        step(oracle, t)
 
 
 def test_predecessor_ping_timeout_clears_the_predecessor() -> None:
     m, oracle, now = converged()
-    oracle.dead.add("n7:7700")
-    events, sent = step(m, oracle, now + CFG.check_predecessor_interval + CFG.rpc_timeout)
+    oracle.gone.add("n7:7700")
+    oracle.notify_back = False  # node 6 has not stabilized yet: the test plays its Notify below
+    events, sent = step(oracle, now + CFG.check_predecessor_interval + CFG.rpc_timeout)
     assert [dst for dst, _ in only(sent, Ping)] == ["n7:7700"]
     assert PeerUnresponsive(P(7)) in events and PredecessorChanged(None) in events
     assert m.predecessor is None
@@ -428,7 +333,6 @@ def test_predecessor_ping_timeout_clears_the_predecessor() -> None:
 def test_unreachable_fails_pending_requests_at_once() -> None:
     m, _, now = converged()
     token, dst, req = start_far_lookup(m, now)
-    deadline = m.next_deadline()
     m.unreachable("n13:7700", now)  # nothing pending there: nothing happens
     assert m.drain_outbox() == [] and drain_events(m) == []
 
@@ -437,7 +341,12 @@ def test_unreachable_fails_pending_requests_at_once() -> None:
     assert P(0) not in m.fingers
     [(dst2, msg)] = m.drain_outbox()
     assert dst2 == "n12:7700" and msg == FindSuccessor(req=msg.req, key=3 * K + 1)  # the next candidate
-    assert deadline is not None
+    # node 0's request is over (its timeout never reports it again); node 12's falls due one rpc_timeout
+    # after it was sent, and the lookup moves on to the candidate after it
+    m.handle_timer(now + 0.01 + CFG.rpc_timeout)
+    assert [e for e in drain_events(m) if isinstance(e, PeerUnresponsive)] == [PeerUnresponsive(P(12))]
+    asked = [d for d, q in m.drain_outbox() if isinstance(q, FindSuccessor) and q.key == 3 * K + 1]
+    assert asked == ["n11:7700"]
 
 
 # ------------------------------------------------------------------------------------ notify / hints
@@ -468,8 +377,9 @@ def test_notify_from_the_current_predecessor_changes_nothing() -> None:
 
 def test_notify_without_a_predecessor_adopts_the_notifier_without_hints() -> None:
     m, oracle, now = converged()
-    oracle.dead.add("n7:7700")
-    step(m, oracle, now + CFG.check_predecessor_interval + CFG.rpc_timeout)
+    oracle.gone.add("n7:7700")
+    oracle.notify_back = False  # node 6 has not stabilized yet: node 3's Notify below comes first
+    step(oracle, now + CFG.check_predecessor_interval + CFG.rpc_timeout)
     assert m.predecessor is None
     m.receive(P(3), Notify(), now + 3)  # any node will do while we have none
     assert m.predecessor == P(3)
@@ -579,8 +489,31 @@ def test_next_deadline_is_the_earliest_of_timers_and_pending_requests(pending_fi
     assert m.next_deadline() == pytest.approx(min(timers_at, t + cfg.rpc_timeout))
     assert (m.next_deadline() < timers_at) is pending_first
     # nothing happens before the deadline; at it, the due thing happens
-    m.handle_timer(m.next_deadline() - 1e-6)
+    at = m.next_deadline()
+    m.handle_timer(at - 1e-6)
     assert m.drain_outbox() == [] and drain_events(m) == []
+    m.handle_timer(at)
+    out, events = m.drain_outbox(), drain_events(m)
+    if pending_first:
+        # the first lookup's question to node 0 timed out: node 0 is reported and the next candidate asked;
+        # no periodic timer was due
+        assert events == [PeerUnresponsive(P(0))]
+        assert out == [("n12:7700", FindSuccessor(req=out[0][1].req, key=3 * K + 1))]
+    else:
+        # a periodic timer: stabilize asks the successor, check_predecessor pings the predecessor, or
+        # fix_fingers looks up a finger start me + 2^i; nothing timed out
+        assert events == [] and out
+
+        def periodic(dst: str, msg: Message) -> bool:
+            if isinstance(msg, FindSuccessor):
+                d = distance(P(ME).id, msg.key)
+                return d & (d - 1) == 0
+            return (dst, type(msg)) in {("n9:7700", GetNeighbors), ("n7:7700", Ping)}
+
+        assert all(periodic(dst, msg) for dst, msg in out), out
+        # the lookups are still pending: the first one's question falls due next, and is reported then
+        m.handle_timer(t + cfg.rpc_timeout)
+        assert PeerUnresponsive(P(0)) in drain_events(m)
 
 
 # ------------------------------------------------------------------------------------ iterative lookups
@@ -589,20 +522,20 @@ def test_next_deadline_is_the_earliest_of_timers_and_pending_requests(pending_fi
 def test_lookup_skips_a_dead_hop_and_counts_hops() -> None:
     m, oracle, now = converged()
     key = 3 * K + 1
-    oracle.dead.add("n0:7700")
+    oracle.gone.add("n0:7700")
     oracle.hold = lambda dst, msg: isinstance(msg, FindSuccessor) and msg.key == key  # this test answers
     token = m.lookup(key, now)
-    oracle.answer(m, now)
-    assert [dst for dst, _ in oracle.held] == ["n0:7700"]  # the closest preceding node: finger 63
+    oracle.answer(now)
+    assert [dst for _, dst, _ in oracle.held] == ["n0:7700"]  # the closest preceding node: finger 63
 
     t1 = now + CFG.rpc_timeout
-    events, _ = step(m, oracle, t1)  # node 0 never answers
+    events, _ = step(oracle, t1)  # node 0 never answers
     assert events.count(PeerUnresponsive(P(0))) == 1
-    assert [dst for dst, _ in oracle.held[1:]] == ["n12:7700"]  # the second-best candidate
-    m.receive(P(12), FindSuccessorReply(req=oracle.held[-1][1].req, done=False, nodes=(P(3), P(2))), t1 + 0.01)
-    oracle.answer(m, t1 + 0.01)
-    assert [dst for dst, _ in oracle.held[2:]] == ["n3:7700"]  # the responder's best node goes first
-    m.receive(P(3), FindSuccessorReply(req=oracle.held[-1][1].req, done=True, nodes=(P(4), P(5), P(6))), t1 + 0.02)
+    assert [dst for _, dst, _ in oracle.held[1:]] == ["n12:7700"]  # the second-best candidate
+    m.receive(P(12), FindSuccessorReply(req=oracle.held[-1][2].req, done=False, nodes=(P(3), P(2))), t1 + 0.01)
+    oracle.answer(t1 + 0.01)
+    assert [dst for _, dst, _ in oracle.held[2:]] == ["n3:7700"]  # the responder's best node goes first
+    m.receive(P(3), FindSuccessorReply(req=oracle.held[-1][2].req, done=True, nodes=(P(4), P(5), P(6))), t1 + 0.02)
     assert [e for e in drain_events(m) if isinstance(e, LookupDone)] == [
         LookupDone(token, key, P(4), hops=2, elapsed=pytest.approx(1.02))
     ]
@@ -636,9 +569,9 @@ def test_lookup_fails_after_max_lookup_hops() -> None:
 
 def test_lookup_with_every_other_node_dead_never_names_a_dead_node() -> None:
     m, oracle, now = converged()
-    oracle.dead |= set(BY_ADDRESS) - {"n8:7700"}
+    oracle.gone |= set(BY_ADDRESS) - {"n8:7700"}
     token = m.lookup(3 * K + 1, now)
-    events, _ = step(m, oracle, now + 30 * CFG.rpc_timeout)
+    events, _ = step(oracle, now + 30 * CFG.rpc_timeout)
     [done] = [e for e in events if isinstance(e, LookupDone)]
     # it fails, or (once it has given up on everyone else) answers itself: right for a ring of one
     assert done.token == token and done.node in (None, P(8)) and done.hops == 0
@@ -650,23 +583,23 @@ def test_a_silent_hop_is_asked_once_more_but_not_twice() -> None:
     key = 3 * K + 1
     oracle.hold = lambda dst, msg: isinstance(msg, FindSuccessor) and msg.key == key  # never answered here
     m.lookup(key, now)
-    oracle.answer(m, now)
+    oracle.answer(now)
     t = now
     for _ in range(2):  # node 0, then node 12, time out
         t += CFG.rpc_timeout
-        step(m, oracle, t)
-    assert [dst for dst, _ in oracle.held] == ["n0:7700", "n12:7700", "n11:7700"]
+        step(oracle, t)
+    assert [dst for _, dst, _ in oracle.held] == ["n0:7700", "n12:7700", "n11:7700"]
     # node 11 answers and suggests node 0 again: it was silent once, so it is asked again
-    m.receive(P(11), FindSuccessorReply(req=oracle.held[-1][1].req, done=False, nodes=(P(0),)), t)
-    oracle.answer(m, t)
-    assert oracle.held[-1][0] == "n0:7700"
+    m.receive(P(11), FindSuccessorReply(req=oracle.held[-1][2].req, done=False, nodes=(P(0),)), t)
+    oracle.answer(t)
+    assert oracle.held[-1][1] == "n0:7700"
     t += CFG.rpc_timeout
-    step(m, oracle, t)  # silent again
-    asked = oracle.held[-1]
-    assert asked[0] != "n0:7700"
-    m.receive(BY_ADDRESS[asked[0]], FindSuccessorReply(req=asked[1].req, done=False, nodes=(P(0),)), t)
-    oracle.answer(m, t)
-    assert oracle.held[-1][0] != "n0:7700"  # not a third time
+    step(oracle, t)  # silent again
+    _, asked, question = oracle.held[-1]
+    assert asked != "n0:7700"
+    m.receive(BY_ADDRESS[asked], FindSuccessorReply(req=question.req, done=False, nodes=(P(0),)), t)
+    oracle.answer(t)
+    assert oracle.held[-1][1] != "n0:7700"  # not a third time
 
 
 def test_stale_notify_from_a_node_that_left_does_not_undo_its_handover() -> None:

@@ -1,28 +1,27 @@
 """The failure detector driven by hand on a virtual clock (core/failure.py through core/node.py): no simulator.
 
-One real ``NodeCore`` (node 8) sits in a ring of 16 evenly spaced ids, ``k << 60``. The other 15 are a
-:class:`Ring` that answers at once (zero latency) from the ideal ring: lookups, GetNeighbors, Ping (with
-the incarnation the test sets), ProbeRequest (alive unless the target is silent) and FailureNotice (a
-NoticeAck). A *silent* node answers nothing but is still named by the others (hearsay lags behind a
-crash); a *gone* node is also left out of their answers. The test reads what the core sends, its
-events, its public counters and routing state, and nothing private. Expected values are written out by
-hand or come from ``holder_intervals`` / ``ideal_routing``, never from the detector itself.
+One real ``NodeCore`` (node 8) sits in a ring of 16 evenly spaced ids, ``k << 60``. The other 15 are an
+``IdealRing`` (tests/helpers/ideal_ring.py) that answers at once (zero latency) from the ideal ring:
+lookups, GetNeighbors, Ping (with the incarnation the test sets), ProbeRequest (alive unless the target
+is silent) and FailureNotice (a NoticeAck). A *silent* node answers nothing but is still named by the
+others (hearsay lags behind a crash); a *gone* node is also left out of their answers. The test reads
+what the core sends, its events, its public counters and routing state (``ChordMachine.holds`` and
+``routing_state``), and nothing private. Expected values are written out by hand or come from
+``holder_intervals`` / ``ideal_routing``, never from the detector itself.
 """
 
 from __future__ import annotations
 
 import random
-from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
+from helpers.ideal_ring import BY_ADDRESS, ME, IdealRing, K, P, changed
 
 from mlfabric.config import FailureConfig, OverlayConfig
-from mlfabric.core.events import Event
 from mlfabric.core.failure import PeerDied, PeerPurged, Refuted, holder_intervals
 from mlfabric.core.node import NodeCore
-from mlfabric.core.ring import ideal_routing
 from mlfabric.wire.messages import (
     NOTICE_BACKWARD,
     NOTICE_DIRECT,
@@ -30,14 +29,10 @@ from mlfabric.wire.messages import (
     Alive,
     BackpointerCopy,
     FailureNotice,
-    FindSuccessor,
-    FindSuccessorReply,
     GetNeighbors,
     Leaving,
     Message,
-    Neighbors,
     NoticeAck,
-    Notify,
     Peer,
     Ping,
     Pong,
@@ -59,21 +54,12 @@ FAIL = FailureConfig(
     refresh_interval=10.0,
     dead_ttl=60.0,
 )
-K = 1 << 60
-ME = 8
-ALL = list(range(16))
 
 
 def fail_with(**changes: object) -> FailureConfig:
-    return FailureConfig(**{**FAIL.model_dump(), **changes})
+    return changed(FAIL, **changes)
 
 
-def P(k: int) -> Peer:
-    """Node k of the evenly spaced ring: id k * 2^60."""
-    return Peer(k * K, f"n{k}:7700")
-
-
-BY_ADDRESS = {P(k).address: P(k) for k in ALL}
 # node 8's ideal routing entries: predecessor 7, successors 9 10 11, fingers 9 (0..60) 10 12 0
 ENTRIES = {P(k) for k in (7, 9, 10, 11, 12, 0)}
 # holder_intervals(9K, 8K) by hand: g = 2^60, so spans 0..61 merge into [1, 3K - 1] back from 9K (nodes 7
@@ -81,164 +67,15 @@ ENTRIES = {P(k) for k in (7, 9, 10, 11, 12, 0)}
 INTERVALS_OF_9 = {(6 * K + 1, 9 * K - 1), (4 * K + 1, 5 * K), (1, K)}
 
 
-class Ring:
-    """The other nodes, converged, answering node 8 at once. Records everything node 8 sends."""
-
-    def __init__(self, core: NodeCore) -> None:
-        self.core = core
-        self.now = 0.0
-        self.members = dict(BY_ADDRESS)  # node 8 included: the ring knows it
-        self.silent: set[str] = set()  # crashed (or stalled): receive nothing, answer nothing
-        self.gone: set[str] = set()  # left: also missing from the others' answers
-        self.incarnation: dict[str, int] = {}
-        # messages the test answers itself: kept in ``held`` instead of being answered
-        self.hold: Callable[[str, Message], bool] = lambda dst, msg: False
-        self.held: list[tuple[float, str, Message]] = []
-        self.sent: list[tuple[float, str, Message]] = []
-        self.events: list[tuple[float, Event]] = []
-
-    # ---------------------------------------------------------------- the ideal ring as the others see it
-
-    def _ring(self) -> list[Peer]:
-        return sorted((p for a, p in self.members.items() if a not in self.gone), key=lambda p: p.id)
-
-    def successors(self, key: int) -> tuple[Peer, ...]:
-        ring = self._ring()
-        i = bisect_left([p.id for p in ring], key)
-        return tuple(ring[(i + j) % len(ring)] for j in range(R))
-
-    def predecessor(self, peer: Peer, live_only: bool = False) -> Peer:
-        ring = [p for p in self._ring() if not live_only or p.address not in self.silent]
-        return ring[bisect_left([p.id for p in ring], peer.id) - 1]
-
-    # ---------------------------------------------------------------- driving
-
-    def flush(self) -> None:
-        """Deliver everything node 8 sends, answering, until it goes quiet; collect its events."""
-        core, now = self.core, self.now
-        for _ in range(1000):
-            out = core.drain_outbox()
-            if not out:
-                break
-            for dst, msg in out:
-                self.sent.append((now, dst, msg))
-                if self.hold(dst, msg):
-                    self.held.append((now, dst, msg))
-                    continue
-                if dst in self.silent or dst in self.gone or dst not in self.members:
-                    continue
-                src = self.members[dst]
-                for reply in self._answer(src, msg):
-                    core.receive(src, reply, now)
-        else:
-            raise AssertionError("node 8 never went quiet")
-        while (ev := core.next_event()) is not None:
-            self.events.append((now, ev))
-
-    def _answer(self, src: Peer, msg: Message) -> list[Message]:
-        match msg:
-            case FindSuccessor(req=req, key=key):
-                return [FindSuccessorReply(req=req, done=True, nodes=self.successors(key))]
-            case GetNeighbors(req=req):
-                return [Neighbors(req=req, predecessor=self.predecessor(src), successors=self.successors(src.id + 1))]
-            case Ping(seq=seq):
-                return [Pong(seq=seq, incarnation=self.incarnation.get(src.address, 0))]
-            case ProbeRequest(req=req, target=target) if target.address not in self.silent | self.gone:
-                inc = self.incarnation.get(target.address, 0)
-                return [ProbeResult(req=req, target=target, alive=True, incarnation=inc)]
-            case FailureNotice(seq=seq) if seq:
-                return [NoticeAck(seq=seq)]
-            case Notify():
-                # node 8 notified its successor; its live predecessor, stabilizing, notifies node 8 in turn
-                q = self.predecessor(P(ME), live_only=True)
-                self.core.receive(q, Notify(predecessor=self.predecessor(q)), self.now)
-        return []
-
-    def deliver(self, k: int, msg: Message) -> None:
-        """Node k sends ``msg`` to node 8 now."""
-        self.core.receive(P(k), msg, self.now)
-        self.flush()
-
-    def run(self, until: float) -> None:
-        """Fire node 8's timers up to ``until``."""
-        for _ in range(100_000):
-            at = self.core.next_deadline()
-            if at is None or at > until:
-                break
-            self.now = max(self.now, at)
-            self.core.handle_timer(self.now)
-            self.flush()
-        else:
-            raise AssertionError("timers never ran past `until`")
-        self.now = max(self.now, until)
-
-    def run_until_sent(self, match: Callable[[str, Message], bool], limit: float) -> tuple[float, str, Message]:
-        """Fire timers one at a time until node 8 sends a matching message; (time, dst, msg)."""
-        mark = len(self.sent)
-        while True:
-            hit = next(((t, d, m) for t, d, m in self.sent[mark:] if match(d, m)), None)
-            if hit is not None:
-                return hit
-            at = self.core.next_deadline()
-            assert at is not None and at <= limit, f"nothing matching was sent by t={limit}"
-            mark = len(self.sent)
-            self.now = max(self.now, at)
-            self.core.handle_timer(self.now)
-            self.flush()
-
-    def run_until_event(self, kind: type[Event], limit: float) -> tuple[float, Event]:
-        """Fire timers one at a time until node 8 reports ``kind`` (counting one reported at this very
-        moment); (time, event)."""
-        mark = next((i for i, (t, _) in enumerate(self.events) if t >= self.now), len(self.events))
-        while True:
-            hit = next(((t, e) for t, e in self.events[mark:] if isinstance(e, kind)), None)
-            if hit is not None:
-                return hit
-            at = self.core.next_deadline()
-            assert at is not None and at <= limit, f"no {kind.__name__} by t={limit}"
-            mark = len(self.events)
-            self.now = max(self.now, at)
-            self.core.handle_timer(self.now)
-            self.flush()
-
-    # ---------------------------------------------------------------- reading
-
-    def sent_between(self, t0: float, t1: float, kind: type[Message] = Message) -> list[tuple[str, Message]]:
-        return [(d, m) for t, d, m in self.sent if t0 <= t <= t1 and isinstance(m, kind)]
-
-    def events_of(self, kind: type[Event]) -> list[tuple[float, Event]]:
-        return [(t, e) for t, e in self.events if isinstance(e, kind)]
-
-
-def converged(failure: FailureConfig = FAIL, seed: str = "test_failure_detector") -> Ring:
+def converged(failure: FailureConfig = FAIL, seed: str = "test_failure_detector") -> IdealRing[NodeCore]:
     """Node 8 joined through the protocol and holding its ideal routing state (and pred_pred = 6)."""
     core = NodeCore(P(ME), OVERLAY, random.Random(seed), failure=failure)
-    ring = Ring(core)
-    core.bootstrap([P(0).address], 0.0)
-    ring.flush()
-    ids = sorted(p.id for p in BY_ADDRESS.values())
-    want = [BY_ADDRESS[f"n{f // K}:7700"] for f in ideal_routing(P(ME).id, ids)[2]]
+    ring = IdealRing(core, BY_ADDRESS.values(), R)
+    ring.join(P(0).address)
     c = core.chord
-    while not (c.predecessor == P(7) and c.pred_pred == P(6) and c.successors == [P(9), P(10), P(11)]
-               and c.fingers == want):
-        assert ring.now < 60, "node 8 did not reach its ideal state against a perfect ring"
-        ring.run(ring.now + 0.5)
+    assert (c.predecessor, c.pred_pred, c.successors) == (P(7), P(6), [P(9), P(10), P(11)])
     assert not ring.events_of(PeerDied) and core.detector.counters["suspicions"] == 0
     return ring
-
-
-def routing_entries(core: NodeCore) -> set[Peer]:
-    c = core.chord
-    out = {*c.successors, *(f for f in c.fingers if f is not None)}
-    if c.predecessor is not None:
-        out.add(c.predecessor)
-    out.discard(core.me)
-    return out
-
-
-def holds(core: NodeCore, peer: Peer) -> bool:
-    c = core.chord
-    return peer in c.successors or peer in c.fingers or c.predecessor == peer
 
 
 def ping_to(k: int) -> Callable[[str, Message], bool]:
@@ -252,7 +89,7 @@ def notice(dead: Peer, inc: int = 0, mode: int = NOTICE_DIRECT, seq: int = 0, de
                          back=back, replacement=replacement, seq=seq, predecessor=predecessor)
 
 
-def kill_9(ring: Ring, limit: float = 30.0) -> tuple[float, PeerDied]:
+def kill_9(ring: IdealRing[NodeCore], limit: float = 30.0) -> tuple[float, PeerDied]:
     """Node 9 (our successor) goes silent; run until node 8 declares it dead."""
     ring.silent.add(P(9).address)
     t, ev = ring.run_until_event(PeerDied, ring.now + limit)
@@ -265,9 +102,10 @@ def kill_9(ring: Ring, limit: float = 30.0) -> tuple[float, PeerDied]:
 
 def test_harness_converges_and_a_quiet_ring_raises_no_suspicion() -> None:
     ring = converged()
+    assert set(ring.machine.chord.routing_state()) == ENTRIES
     t0 = ring.now
     ring.run(t0 + 20)
-    counters = ring.core.detector.counters
+    counters = ring.machine.detector.counters
     assert counters["probes_sent"] > 0
     assert counters["acks_received"] == counters["probes_sent"]  # zero latency: every probe answered
     assert counters["suspicions"] == counters["deaths_declared"] == 0
@@ -294,11 +132,11 @@ def test_pong_from_the_probed_node_clears_the_check() -> None:
     t, _, ping = ring.run_until_sent(ping_to(9), ring.now + 5)
     assert isinstance(ping, Ping)
     ring.run(t + 0.1)
-    acks = ring.core.detector.counters["acks_received"]
-    ring.deliver(9, Pong(seq=ping.seq, incarnation=0))
-    assert ring.core.detector.counters["acks_received"] == acks + 1
+    acks = ring.machine.detector.counters["acks_received"]
+    ring.deliver(P(9), Pong(seq=ping.seq, incarnation=0))
+    assert ring.machine.detector.counters["acks_received"] == acks + 1
     ring.run(t + FAIL.probe_timeout + 0.01)  # past the probe's deadline, before the next near probe's
-    assert ring.core.detector.counters["suspicions"] == 0
+    assert ring.machine.detector.counters["suspicions"] == 0
     assert not ring.sent_between(t, ring.now, ProbeRequest)
 
 
@@ -309,12 +147,12 @@ def test_pong_with_our_seq_from_another_node_neither_clears_nor_spoils_the_check
     t, _, ping = ring.run_until_sent(ping_to(9), ring.now + 5)
     assert isinstance(ping, Ping)
     ring.run(t + 0.1)
-    ring.deliver(3, Pong(seq=ping.seq, incarnation=0))
+    ring.deliver(P(3), Pong(seq=ping.seq, incarnation=0))
     ring.run(t + 0.2)
-    ring.deliver(9, Pong(seq=ping.seq, incarnation=0))
+    ring.deliver(P(9), Pong(seq=ping.seq, incarnation=0))
     ring.run(t + FAIL.probe_timeout + 0.01)
     assert not ring.events_of(PeerDied), f"node 9 answered its probe at t={t + 0.2:.3f} and was declared dead"
-    assert ring.core.detector.counters["suspicions"] == 0
+    assert ring.machine.detector.counters["suspicions"] == 0
 
 
 @pytest.mark.parametrize("helpers", [0, 1, 3])
@@ -332,7 +170,7 @@ def test_probe_timeout_asks_indirect_checks_helpers_and_probes_again_directly(he
     assert set(asked) <= {p.address for p in ENTRIES - {P(9)}}
     reprobes = [m for d, m in at_timeout if d == P(9).address and isinstance(m, Ping)]
     assert reprobes == ([Ping(seq=ping.seq, incarnation=0)] if helpers else [])
-    assert ring.core.detector.counters["suspicions"] == 1
+    assert ring.machine.detector.counters["suspicions"] == 1
     # declared when the suspicion runs out (at once when there is nobody to ask)
     died_at, ev = ring.run_until_event(PeerDied, t + 10)
     assert ev == PeerDied(P(9), 0, P(8), True)
@@ -349,7 +187,7 @@ def test_routine_probes_in_flight_do_not_leave_a_suspect_without_helpers() -> No
     # half a near interval later a lookup times out on node 9 and the detector checks it; the Ping is lost
     ring.hold = ping_to(9)
     ring.run(t0 + FAIL.near_interval / 2 + 0.001)
-    ring.core.detector.suspect(P(9), ring.now)
+    ring.machine.detector.suspect(P(9), ring.now)
     ring.flush()
     assert [m for d, m in ring.sent_between(ring.now, ring.now, Ping) if d == P(9).address]
     # the next near tick probes every other entry; their Pongs are a round trip (20 ms) away
@@ -361,7 +199,7 @@ def test_routine_probes_in_flight_do_not_leave_a_suspect_without_helpers() -> No
     assert not ring.events_of(PeerDied), f"node 9 declared after one lost Ping, helpers asked: {asks}"
     # node 9 keeps answering everything but Pings here, so the check ends either through helpers or
     # because 9 spoke to us directly while it ran (which also proves it alive)
-    assert asks or ring.core.detector.counters["suspicions"] == 0
+    assert asks or ring.machine.detector.counters["suspicions"] == 0
 
 
 def test_probe_result_alive_from_a_helper_clears_the_suspicion() -> None:
@@ -370,13 +208,13 @@ def test_probe_result_alive_from_a_helper_clears_the_suspicion() -> None:
     t, _, ping = ring.run_until_sent(ping_to(9), ring.now + 5)
     assert isinstance(ping, Ping)
     ring.run(t + FAIL.probe_timeout + 0.1)
-    acks = ring.core.detector.counters["acks_received"]
+    acks = ring.machine.detector.counters["acks_received"]
     # a "dead" result and a result for another request change nothing
-    ring.deliver(10, ProbeResult(req=ping.seq, target=P(9), alive=False))
-    ring.deliver(10, ProbeResult(req=ping.seq + 1000, target=P(9), alive=True))
-    assert ring.core.detector.counters["acks_received"] == acks
-    ring.deliver(10, ProbeResult(req=ping.seq, target=P(9), alive=True, incarnation=0))
-    assert ring.core.detector.counters["acks_received"] == acks + 1
+    ring.deliver(P(10), ProbeResult(req=ping.seq, target=P(9), alive=False))
+    ring.deliver(P(10), ProbeResult(req=ping.seq + 1000, target=P(9), alive=True))
+    assert ring.machine.detector.counters["acks_received"] == acks
+    ring.deliver(P(10), ProbeResult(req=ping.seq, target=P(9), alive=True, incarnation=0))
+    assert ring.machine.detector.counters["acks_received"] == acks + 1
     deadline = t + FAIL.probe_timeout + FAIL.suspicion_timeout
     ring.run(deadline + 0.01)
     assert not ring.events_of(PeerDied), "node 9 was declared dead although a helper reached it"
@@ -389,16 +227,16 @@ def test_helping_a_prober_reports_whether_the_target_answered() -> None:
     ring = converged()
     # the target answers: alive, with its incarnation, at once
     ring.incarnation[P(12).address] = 4
-    ring.deliver(3, ProbeRequest(req=41, target=P(12)))
+    ring.deliver(P(3), ProbeRequest(req=41, target=P(12)))
     assert (P(3).address, ProbeResult(req=41, target=P(12), alive=True, incarnation=4)) in \
         ring.sent_between(ring.now, ring.now)
     # asked about ourselves: alive at our incarnation
-    ring.deliver(3, ProbeRequest(req=42, target=P(8)))
+    ring.deliver(P(3), ProbeRequest(req=42, target=P(8)))
     assert ring.sent_between(ring.now, ring.now)[-1] == (P(3).address, ProbeResult(req=42, target=P(8), alive=True))
     # the target is silent: "not reached" once 0.8 * suspicion_timeout has passed, before the asker gives up
     ring.silent.add(P(12).address)
     t = ring.now
-    ring.deliver(3, ProbeRequest(req=43, target=P(12)))
+    ring.deliver(P(3), ProbeRequest(req=43, target=P(12)))
     ring.run(t + 0.8 * FAIL.suspicion_timeout)
     results = [(d, m) for d, m in ring.sent_between(t, ring.now, ProbeResult) if m.req == 43]
     assert results == [(P(3).address, ProbeResult(req=43, target=P(12), alive=False))]
@@ -412,8 +250,8 @@ def test_death_is_reported_removed_from_routing_and_propagated_statelessly() -> 
     ring.hold = lambda dst, msg: isinstance(msg, FailureNotice)  # nobody acks yet
     died_at, ev = kill_9(ring)
     assert ev == PeerDied(P(9), 0, P(8), True)  # pred(9) = 8, known exactly from our successor list
-    c = ring.core.chord
-    assert not holds(ring.core, P(9)) and ring.core.detector.is_dead(P(9).id)
+    c = ring.machine.chord
+    assert not ring.machine.chord.holds(P(9).id) and ring.machine.detector.is_dead(P(9).id)
     assert c.successors[0] == P(10)
     assert all(f == P(10) for f in c.fingers[:62])  # the fingers that pointed at 9 point at succ(9)
     notices = ring.sent_between(died_at, died_at, FailureNotice)
@@ -464,7 +302,7 @@ def test_unacked_notice_goes_to_another_hop_and_the_silent_hop_is_probed(
     assert stuck and all(isinstance(m, FailureNotice) and m.mode == mode for m in stuck)
     # an ack from the wrong address does not count
     for m in stuck:
-        ring.deliver(3, NoticeAck(seq=m.seq))
+        ring.deliver(P(3), NoticeAck(seq=m.seq))
     ring.run(died_at + FAIL.notice_timeout)
     later = [(d, m) for d, m in ring.sent_between(died_at + 1e-9, ring.now, FailureNotice)]
     assert len(later) == len(stuck), later
@@ -474,7 +312,7 @@ def test_unacked_notice_goes_to_another_hop_and_the_silent_hop_is_probed(
         assert (m.dead, m.mode, m.start, m.end) == (old.dead, old.mode, old.start, old.end)
         assert m.seq != old.seq and m.seq
         assert d not in (dst, P(9).address, P(8).address)
-        assert d in {p.address for p in routing_entries(ring.core)} | {P(6).address}
+        assert d in {p.address for p in ring.machine.chord.routing_state()} | {P(6).address}
         if fallback is not None:
             assert d in fallback
     # the hop that stayed silent is checked
@@ -484,15 +322,15 @@ def test_unacked_notice_goes_to_another_hop_and_the_silent_hop_is_probed(
 def test_duplicate_notice_is_acked_but_dropped() -> None:
     ring = converged()
     dead = notice(P(12), mode=NOTICE_DIRECT, replacement=P(13), seq=17, detector=P(11))
-    ring.deliver(2, dead)
+    ring.deliver(P(2), dead)
     assert ring.sent_between(ring.now, ring.now, NoticeAck) == [(P(2).address, NoticeAck(seq=17))]
     assert [e for _, e in ring.events_of(PeerPurged)] == [PeerPurged(P(12))]
-    assert ring.core.chord.fingers[62] == P(13)  # finger 62 (8K + 4K) pointed at 12: now at its successor
-    counters = dict(ring.core.detector.counters)
+    assert ring.machine.chord.fingers[62] == P(13)  # finger 62 (8K + 4K) pointed at 12: now at its successor
+    counters = dict(ring.machine.detector.counters)
     mark = len(ring.sent)
-    ring.deliver(4, replace(dead, seq=18))  # the same notice by another path
+    ring.deliver(P(4), replace(dead, seq=18))  # the same notice by another path
     assert [(d, m) for _, d, m in ring.sent[mark:]] == [(P(4).address, NoticeAck(seq=18))]
-    after = ring.core.detector.counters
+    after = ring.machine.detector.counters
     assert after["notices_duplicate"] == counters["notices_duplicate"] + 1
     assert after["purged_by_notice"] == counters["purged_by_notice"]
     assert len(ring.events_of(PeerPurged)) == 1
@@ -500,22 +338,22 @@ def test_duplicate_notice_is_acked_but_dropped() -> None:
 
 def test_notice_about_myself_bumps_my_incarnation_and_sends_alive() -> None:
     ring = converged()
-    ring.deliver(5, notice(P(8), inc=0, seq=31, detector=P(7)))
-    assert ring.core.detector.incarnation == 1
+    ring.deliver(P(5), notice(P(8), inc=0, seq=31, detector=P(7)))
+    assert ring.machine.detector.incarnation == 1
     assert [e for _, e in ring.events_of(Refuted)] == [Refuted(1)]
     out = ring.sent_between(ring.now, ring.now)
     assert (P(5).address, NoticeAck(seq=31)) in out
     assert {(d, m) for d, m in out if isinstance(m, Alive)} == {(P(5).address, Alive(1)), (P(7).address, Alive(1))}
-    assert holds(ring.core, P(7)) and not ring.core.detector.dead_ids()  # nothing else happened
+    assert ring.machine.chord.holds(P(7).id) and not ring.machine.detector.dead_ids()  # nothing else happened
     # my pongs now carry the new incarnation
-    ring.deliver(4, Ping(seq=99, incarnation=0))
+    ring.deliver(P(4), Ping(seq=99, incarnation=0))
     assert ring.sent_between(ring.now, ring.now)[-1] == (P(4).address, Pong(seq=99, incarnation=1))
     # an older declaration is answered but does not bump again; a newer one does
-    ring.deliver(5, notice(P(8), inc=0, seq=32, detector=P(7)))
-    assert ring.core.detector.incarnation == 1
+    ring.deliver(P(5), notice(P(8), inc=0, seq=32, detector=P(7)))
+    assert ring.machine.detector.incarnation == 1
     assert (P(5).address, Alive(1)) in ring.sent_between(ring.now, ring.now)
-    ring.deliver(5, notice(P(8), inc=1, seq=33, detector=P(7)))
-    assert ring.core.detector.incarnation == 2
+    ring.deliver(P(5), notice(P(8), inc=1, seq=33, detector=P(7)))
+    assert ring.machine.detector.incarnation == 2
     assert [e for _, e in ring.events_of(Refuted)] == [Refuted(1), Refuted(2)]
 
 
@@ -523,37 +361,37 @@ def test_notice_older_than_an_incarnation_seen_in_a_pong_is_ignored() -> None:
     ring = converged()
     ring.incarnation[P(9).address] = 5  # node 9 restarted (or refuted) at incarnation 5
     ring.run_until_sent(ping_to(9), ring.now + 5)  # and answered a probe with it
-    ring.deliver(3, notice(P(9), inc=4, replacement=P(10), seq=51))
+    ring.deliver(P(3), notice(P(9), inc=4, replacement=P(10), seq=51))
     assert ring.sent_between(ring.now, ring.now, NoticeAck) == [(P(3).address, NoticeAck(seq=51))]
-    assert holds(ring.core, P(9)) and not ring.core.detector.is_dead(P(9).id)
+    assert ring.machine.chord.holds(P(9).id) and not ring.machine.detector.is_dead(P(9).id)
     assert not ring.events_of(PeerPurged)
     # a declaration at the incarnation it answered with is current
-    ring.deliver(3, notice(P(9), inc=5, replacement=P(10), seq=52))
-    assert not holds(ring.core, P(9)) and ring.core.detector.is_dead(P(9).id)
+    ring.deliver(P(3), notice(P(9), inc=5, replacement=P(10), seq=52))
+    assert not ring.machine.chord.holds(P(9).id) and ring.machine.detector.is_dead(P(9).id)
     assert [e for _, e in ring.events_of(PeerPurged)] == [PeerPurged(P(9))]
 
 
-def dead_9_comes_back() -> Ring:
+def dead_9_comes_back() -> IdealRing[NodeCore]:
     """Node 9 is declared dead, hearsay keeps naming it for five stabilize rounds, then it comes back and
     pings node 8."""
     ring = converged()
     died_at, _ = kill_9(ring)
     # node 10 still names 9 as its predecessor, and lookups may name it: node 8 must not re-adopt it
     ring.run(died_at + 5 * OVERLAY.stabilize_interval)
-    assert not holds(ring.core, P(9)), ring.core.chord.successors
-    assert ring.core.chord.successors == [P(10), P(11), P(12)]
+    assert not ring.machine.chord.holds(P(9).id), ring.machine.chord.successors
+    assert ring.machine.chord.successors == [P(10), P(11), P(12)]
     ring.silent.discard(P(9).address)
-    ring.deliver(9, Ping(seq=7, incarnation=0))
+    ring.deliver(P(9), Ping(seq=7, incarnation=0))
     return ring
 
 
 def test_hearsay_does_not_bring_a_dead_node_back_but_direct_contact_does() -> None:
     ring = dead_9_comes_back()
-    assert not ring.core.detector.is_dead(P(9).id)  # the direct message lifted the mark
+    assert not ring.machine.detector.is_dead(P(9).id)  # the direct message lifted the mark
     # the next stabilize round adopts 9 from node 10's answer and stabilizes with it
     ring.run_until_sent(lambda dst, msg: dst == P(9).address and isinstance(msg, GetNeighbors),
                         ring.now + 2 * OVERLAY.stabilize_interval)
-    assert ring.core.chord.successors[0] == P(9)
+    assert ring.machine.chord.successors[0] == P(9)
 
 
 def test_a_node_back_from_the_dead_is_not_declared_again_by_an_older_check() -> None:
@@ -562,7 +400,7 @@ def test_a_node_back_from_the_dead_is_not_declared_again_by_an_older_check() -> 
     ring.run(back_at + 2 * OVERLAY.stabilize_interval)
     again = [t for t, e in ring.events_of(PeerDied) if t > back_at]
     assert not again, f"node 9 pinged node 8 at t={back_at:.2f} and was declared dead again at {again}"
-    assert ring.core.chord.successors == [P(9), P(10), P(11)]
+    assert ring.machine.chord.successors == [P(9), P(10), P(11)]
 
 
 def test_a_stalled_timer_clears_checks_without_declaring_anyone() -> None:
@@ -571,12 +409,12 @@ def test_a_stalled_timer_clears_checks_without_declaring_anyone() -> None:
     t, _, _ = ring.run_until_sent(ping_to(9), ring.now + 5)
     late = t + FAIL.near_interval + FAIL.stall_threshold + 5  # our process slept through every deadline
     ring.now = late
-    ring.core.handle_timer(late)
+    ring.machine.handle_timer(late)
     ring.flush()
-    counters = ring.core.detector.counters
+    counters = ring.machine.detector.counters
     assert counters["stalls"] == 1
     assert counters["suspicions"] == counters["deaths_declared"] == 0
-    assert not ring.events_of(PeerDied) and holds(ring.core, P(9))
+    assert not ring.events_of(PeerDied) and ring.machine.chord.holds(P(9).id)
     assert not ring.sent_between(t, late, ProbeRequest)
     # the detector starts over: node 9, still silent, is declared within one fresh round
     died_at, ev = ring.run_until_event(PeerDied, late + 10)
@@ -586,8 +424,8 @@ def test_a_stalled_timer_clears_checks_without_declaring_anyone() -> None:
 
 def test_direct_notice_to_the_successor_of_the_dead_adopts_its_predecessor() -> None:
     ring = converged()
-    ring.deliver(6, notice(P(7), seq=61, detector=P(6), replacement=P(8), predecessor=P(6)))
-    assert ring.core.chord.predecessor == P(6)
+    ring.deliver(P(6), notice(P(7), seq=61, detector=P(6), replacement=P(8), predecessor=P(6)))
+    assert ring.machine.chord.predecessor == P(6)
     assert [e for _, e in ring.events_of(PeerPurged)] == [PeerPurged(P(7))]
     out = ring.sent_between(ring.now, ring.now)
     assert (P(6).address, NoticeAck(seq=61)) in out
@@ -600,12 +438,12 @@ def test_direct_notice_to_the_successor_of_the_dead_adopts_its_predecessor() -> 
 def test_leaving_successor_is_propagated_like_a_failure_by_its_predecessor() -> None:
     ring = converged()
     ring.gone.add(P(9).address)
-    ring.deliver(9, Leaving(predecessor=P(8), successors=(P(10), P(11), P(12))))
-    counters = ring.core.detector.counters
+    ring.deliver(P(9), Leaving(predecessor=P(8), successors=(P(10), P(11), P(12))))
+    counters = ring.machine.detector.counters
     assert counters["departures"] == 1 and counters["deaths_declared"] == 0
     assert not ring.events_of(PeerDied)
-    assert ring.core.detector.is_dead(P(9).id) and not holds(ring.core, P(9))
-    assert ring.core.chord.successors == [P(10), P(11), P(12)]
+    assert ring.machine.detector.is_dead(P(9).id) and not ring.machine.chord.holds(P(9).id)
+    assert ring.machine.chord.successors == [P(10), P(11), P(12)]
     notices = [(d, m) for d, m in ring.sent_between(ring.now, ring.now, FailureNotice)]
     modes = sorted((m.mode, d) for d, m in notices if isinstance(m, FailureNotice))
     assert modes[:2] == [(NOTICE_DIRECT, P(10).address), (NOTICE_BACKWARD, P(7).address)]
@@ -616,10 +454,10 @@ def test_leaving_successor_is_propagated_like_a_failure_by_its_predecessor() -> 
 def test_leaving_predecessor_is_marked_but_only_its_own_predecessor_propagates() -> None:
     ring = converged()
     ring.gone.add(P(7).address)
-    ring.deliver(7, Leaving(predecessor=P(6), successors=(P(8), P(9), P(10))))
-    assert ring.core.detector.counters["departures"] == 1
-    assert ring.core.detector.is_dead(P(7).id)
-    assert ring.core.chord.predecessor == P(6)
+    ring.deliver(P(7), Leaving(predecessor=P(6), successors=(P(8), P(9), P(10))))
+    assert ring.machine.detector.counters["departures"] == 1
+    assert ring.machine.detector.is_dead(P(7).id)
+    assert ring.machine.chord.predecessor == P(6)
     assert not ring.sent_between(ring.now, ring.now, FailureNotice)
     assert (P(6).address, Ping) in {(d, type(m)) for d, m in ring.sent_between(ring.now, ring.now)}
 
@@ -636,14 +474,14 @@ def test_stateful_registers_with_every_routing_entry() -> None:
 
 def test_stateful_register_creates_a_backpointer_copied_to_both_neighbours() -> None:
     ring = converged(fail_with(scheme="stateful"))
-    ring.deliver(3, Register())
+    ring.deliver(P(3), Register())
     t = ring.now
     ring.run(t + FAIL.near_interval)  # the copy goes out at the next near tick
     copies = ring.sent_between(t, ring.now, BackpointerCopy)
     assert sorted(copies) == [(P(7).address, BackpointerCopy(holders=(P(3),))),
                               (P(9).address, BackpointerCopy(holders=(P(3),)))]
     # a refresh of a known backpointer changes nothing: no new copy at the next tick
-    ring.deliver(3, Register())
+    ring.deliver(P(3), Register())
     t = ring.now
     ring.run(t + FAIL.near_interval)
     assert not ring.sent_between(t, ring.now, BackpointerCopy)
@@ -652,7 +490,7 @@ def test_stateful_register_creates_a_backpointer_copied_to_both_neighbours() -> 
 def test_stateful_death_notifies_the_holders_named_in_the_neighbours_copy() -> None:
     ring = converged(fail_with(scheme="stateful"))
     ring.hold = lambda dst, msg: isinstance(msg, FailureNotice)
-    ring.deliver(9, BackpointerCopy(holders=(P(1), P(5), P(7), P(8))))
+    ring.deliver(P(9), BackpointerCopy(holders=(P(1), P(5), P(7), P(8))))
     died_at, ev = kill_9(ring)
     assert ev == PeerDied(P(9), 0, P(8), True)
     notices = ring.sent_between(died_at, died_at, FailureNotice)
@@ -674,6 +512,6 @@ def test_stabilize_probes_every_entry_each_near_interval_and_sends_no_notices() 
     assert set(pings) == {p.address for p in ENTRIES}
     assert all(abs(n - 10) <= 1 for n in pings.values()), pings
     died_at, ev = kill_9(ring)
-    assert ev == PeerDied(P(9), 0, P(8), True) and not holds(ring.core, P(9))
+    assert ev == PeerDied(P(9), 0, P(8), True) and not ring.machine.chord.holds(P(9).id)
     ring.run(died_at + 5)
     assert not ring.sent_between(0.0, ring.now, FailureNotice)
