@@ -12,17 +12,22 @@ Per instance (one range of one attempt of one round) at a member:
 1. its own update arrives through :meth:`TreeAggregator.contribute` (a member that does not train
    this round covers its range with nothing at once);
 2. partials from below arrive through :meth:`TreeAggregator.receive`; one whose spans are disjoint
-   from what the node counted is merged, an overlapping one is passed up untouched (only the root
-   decides between overlaps), so no update is ever added twice;
+   from what the node counted is merged; one inside what it counted is a copy and is dropped; an
+   overlapping one, or one marked as a possible duplicate (a resend: its first target may have passed
+   it on), is passed up untouched and marked (only the root decides between overlaps). So no update
+   is ever added twice, and the partials that hold a given update nest: the root can always keep
+   the larger;
 3. once its whole range is covered, or its adaptive deadline passes, the node sends its partial to
    its parent; anything later goes up on its own. Every partial is acknowledged; an unacknowledged
-   one, or one whose target is reported dead, goes to the next ancestor up the path (several
-   parents: every ancestor is one, the root last);
+   one, or one whose target is reported dead (acknowledged or not), goes to the next ancestor up the
+   path, marked (several parents: every ancestor is one, the root last);
 4. the root keeps every unit and counts a disjoint cover of them (most updates first). When the
    cover plus the ranges known to hold no live member is the whole ring, it finalises; at its
    deadline it hands the gaps to the job machine, which finds the first live member of each gap on
-   the ring and asks it to re-cover the gap from its kept update (*repair*); after
-   ``repair_rounds`` it finalises with what it has.
+   the ring and asks it to re-cover the gap (*repair*): a member that never heard of the round covers
+   it from its kept update, one that did sends everything it sent up again, straight to the root
+   (its parent may have died after acknowledging it, unknown to it); after ``repair_rounds`` it
+   finalises with what it has.
 
 So every live contributor's update is counted at most once by construction (disjoint spans only),
 and at least once unless it stays unreachable through every repair; a contributor that dies
@@ -126,6 +131,8 @@ class _Unit(Generic[P]):
     target: Peer | None = None
     sent_at: float = 0.0
     acked: bool = False
+    dup: bool = False  # may be counted elsewhere already (a resend, an overlap): goes up marked, never merged
+    direct: bool = False  # an answer to the root's repair request: to the root only
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +141,7 @@ class _Piece(Generic[P]):
     count: int
     members: int
     payload: P | None
+    dup: bool = False  # arrived marked as a possible duplicate (JobPartial.repair)
 
 
 @dataclass
@@ -152,6 +160,7 @@ class _Instance(Generic[P]):
     counted: Spans = field(default_factory=Spans)  # in acc or already sent up
     forwarded: bool = False
     late: bool = False  # the deadline passed while our own update was still coming
+    repaired: bool = False  # what we sent up went to the root again on its request
     members_from: dict[int, int] = field(default_factory=dict)  # sender id -> members its partials covered
     units: dict[int, _Unit[P]] = field(default_factory=dict)
     done: bool = False
@@ -190,7 +199,7 @@ class TreeAggregator(Generic[P]):
         self._seq = 0
         self._estimators: dict[tuple[str, str], DeadlineEstimator] = {}
         self.counters = {"partials_sent": 0, "partials_resent": 0, "partials_received": 0, "overlaps": 0,
-                         "repairs_requested": 0, "deadline_expired": 0, "pending_sent": 0}
+                         "repairs_requested": 0, "deadline_expired": 0, "pending_sent": 0, "redundant": 0}
 
     # ---- the job machine's interface -------------------------------------------------------------
 
@@ -266,13 +275,46 @@ class TreeAggregator(Generic[P]):
                         inst.pending_at = now
 
     def peer_dead(self, now: float, node: int) -> None:
-        """A failure verdict: everything waiting on ``node`` goes to the next ancestor."""
+        """A failure verdict: everything sent to ``node`` goes to the next ancestor, even what it
+        acknowledged (it may have died before passing it on), marked as a possible duplicate."""
         for inst in list(self._instances.values()):
             if inst.done:
                 continue
             for unit in list(inst.units.values()):
                 if unit.target is not None and unit.target.id == node:
                     self._resend(now, inst, unit)
+
+    def repair_request(self, now: float, key: InstanceKey) -> bool:
+        """The root asks us, a member that has an instance already, to re-cover our range: what we
+        sent up may have reached a parent that died without our hearing of it. Everything we sent up
+        goes again, straight to the root and marked (the root keeps a disjoint cover, so a copy of what
+        it has costs nothing); if we have not forwarded yet, we say we are still at it (JobPending).
+        False when we have no such instance (the job machine opens one)."""
+        inst = self._instances.get(key)
+        if inst is None or inst.is_root:
+            return False
+        if not inst.forwarded:
+            self.pending(key)
+            return True
+        if inst.repaired:
+            return True  # sent to the root already; its acknowledgements settle it
+        inst.repaired = True
+        for unit in list(inst.units.values()):
+            if unit.direct:
+                continue
+            self._seq += 1
+            copy = _Unit(self._seq, unit.spans, unit.count, unit.members, unit.payload, dup=True, direct=True)
+            inst.units[copy.seq] = copy
+            self._resend(now, inst, copy, first=True)
+        return True
+
+    def has(self, key: InstanceKey) -> bool:
+        return key in self._instances
+
+    def counted(self, key: InstanceKey) -> Spans:
+        """The ranges a non-root instance holds or has sent up (empty when there is no such instance)."""
+        inst = self._instances.get(key)
+        return inst.counted if inst is not None else Spans()
 
     def forget(self, job: str, before: tuple[int, int] | None = None) -> None:
         """Drop the instances of ``job`` older than (attempt, round) ``before`` (all when None)."""
@@ -356,7 +398,7 @@ class TreeAggregator(Generic[P]):
         if msg.count > 0 and payload is None:
             raise RemoteProtocolError("a partial with updates and no payload")
         spans = Spans.from_flat(msg.spans)
-        piece = _Piece(spans, msg.count, msg.members, payload)
+        piece = _Piece(spans, msg.count, msg.members, payload, dup=msg.repair)
         # The instance whose range holds the partial (a repair instance and the round's own may both
         # be open; the smallest range that contains it wins).
         best: _Instance[P] | None = None
@@ -374,9 +416,14 @@ class TreeAggregator(Generic[P]):
         if inst.is_root:
             self._root_add(now, inst, piece)
             return
-        if piece.spans.intersects(inst.counted):
-            self.counters["overlaps"] += 1  # merging would count someone twice: up untouched, the root decides
-            self._send_unit(now, inst, piece)
+        if piece.spans and (piece.spans | inst.counted) == inst.counted:
+            self.counters["redundant"] += 1  # inside what we counted (a failover copy of it): dropped
+        elif piece.dup or piece.spans.intersects(inst.counted):
+            # Merging a possible duplicate, or an overlap, into our partial would make it overlap another
+            # partial that holds the same update, and the root could keep only one of the two: it goes
+            # up as it came, marked, and only the root chooses.
+            self.counters["overlaps"] += 1
+            self._send_unit(now, inst, piece, dup=True)
         elif inst.forwarded:
             inst.counted = inst.counted | piece.spans
             self._send_unit(now, inst, piece)
@@ -416,16 +463,17 @@ class TreeAggregator(Generic[P]):
         inst.forwarded = True
         self._flush_acc(now, inst)
 
-    def _send_unit(self, now: float, inst: _Instance[P], piece: _Piece[P]) -> None:
+    def _send_unit(self, now: float, inst: _Instance[P], piece: _Piece[P], dup: bool = False) -> None:
         self._seq += 1
-        unit = _Unit(self._seq, piece.spans, piece.count, piece.members, piece.payload)
+        unit = _Unit(self._seq, piece.spans, piece.count, piece.members, piece.payload, dup=dup)
         inst.units[unit.seq] = unit
         self._resend(now, inst, unit, first=True)
 
     def _resend(self, now: float, inst: _Instance[P], unit: _Unit[P], first: bool = False) -> None:
         """To the nearest ancestor not tried yet and not known dead; when all were tried, round again
-        from the nearest live one (a partial is never given up while an ancestor may be alive)."""
-        ups = list(reversed(inst.path))
+        from the nearest live one (a partial is never given up while an ancestor may be alive). A resend
+        is marked as a possible duplicate (the first target may hold it): nobody merges it on the way."""
+        ups = [inst.root] if unit.direct else list(reversed(inst.path))
         target = next((p for p in ups if p.id not in unit.tried and not self._is_dead(p.id)), None)
         if target is None:
             target = next((p for p in ups if not self._is_dead(p.id)), None)
@@ -435,11 +483,13 @@ class TreeAggregator(Generic[P]):
             return
         if not first:
             self.counters["partials_resent"] += 1
+            unit.dup = True
         self.counters["partials_sent"] += 1
         unit.tried.append(target.id)
         unit.target, unit.sent_at, unit.acked = target, now, False
         job, rnd, attempt, _ = inst.key
-        header = JobPartial(job, rnd, attempt, unit.seq, unit.spans.flat(), unit.count, unit.members)
+        header = JobPartial(job, rnd, attempt, unit.seq, unit.spans.flat(), unit.count, unit.members,
+                            repair=unit.dup)
         size = self.strategy.nbytes(unit.payload) if unit.payload is not None else 0
         self._send(target, WithPayload(header, unit.payload, size))
 
@@ -454,7 +504,8 @@ class TreeAggregator(Generic[P]):
             return
         inst.dropped += 1
         self.counters["overlaps"] += 1
-        order = sorted(range(len(inst.pieces)), key=lambda i: (-inst.pieces[i].count, -inst.pieces[i].members, i))
+        order = sorted(range(len(inst.pieces)), key=lambda i: (-inst.pieces[i].count, -inst.pieces[i].members,
+                                                                -_extent(inst.pieces[i].spans), i))
         cover: list[int] = []
         spans = Spans()
         for i in order:
@@ -501,3 +552,8 @@ class TreeAggregator(Generic[P]):
         inst.pieces, inst.acc = [], []
         self._finished(RootResult(inst.key, merged.payload, merged.count, merged.members, merged.spans,
                                   inst.empty, inst.repair_requests, inst.dropped))
+
+
+def _extent(spans: Spans) -> int:
+    """How much of the ring ``spans`` claims (between equal counts the root keeps the wider claim)."""
+    return sum(hi - lo for lo, hi in spans.intervals)

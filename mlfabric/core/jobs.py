@@ -726,6 +726,15 @@ class JobMachine:
         own_hi = kids[0][1] if kids else hi
         key = (job, msg.round, msg.attempt, lo)
         levels = max(1, math.ceil(math.log2(1 + sum(sizes)))) if kids else 0
+        if repair and self.agg.has(key):
+            # We took part in this round already: what we sent up may sit at a parent that died after
+            # acknowledging it. It goes again, straight to the root; the repair goes on only into the
+            # parts of the gap we hold nothing of.
+            held = self.agg.counted(key)
+            self._fan_out(st, [n for n, (_, c_lo, c_hi) in zip(notices, kids, strict=True)
+                               if not held.covers(c_lo, c_hi)], payload, now, False)
+            self.agg.repair_request(now, key)
+            return
         self.agg.open(now, key, msg.root, hi & MASK, own_hi & MASK, () if root_id == self.me.id else msg.path,
                       levels)
         if not repair:
