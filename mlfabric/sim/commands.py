@@ -136,40 +136,78 @@ def _cmd_ring(args: argparse.Namespace) -> int:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
-    from mlfabric.sim.aggregate import AggregateRun, run_aggregate
+    print("mlfabric: 'sim aggregate' is gone: the aggregation runs inside whole jobs now; use 'mlfabric sim job "
+          "--nodes N --rounds R --kill-aggregators F' (see 'mlfabric sim job --help')", file=sys.stderr)
+    return 2
 
-    if args.nodes < 2 or args.parents < 1 or args.rounds < 1 or args.shards < 1:
-        print("mlfabric: need --nodes >= 2, --parents >= 1, --rounds >= 1, --shards >= 1", file=sys.stderr)
+
+def _kill_round(value: str) -> int | str:
+    if value == "spread":
+        return value
+    try:
+        r = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a round number or 'spread'") from None
+    if r < 0:
+        raise argparse.ArgumentTypeError("a round number is at least 0")
+    return r
+
+
+def job_summary(r: dict[str, Any]) -> str:
+    """The human-readable result of ``sim job`` (the JSON's main fields)."""
+    lines = [f"{r['nodes']} nodes ({r['ring']} ring), {r['rounds_completed']}/{r['rounds']} rounds, seed {r['seed']}"
+             + (f", {r['nodes_per_round']} trainers per round" if r["nodes_per_round"] else "")
+             + (f", {r['killed_aggregators']} aggregators killed" if r["killed_aggregators"] else "")
+             + (f", churn {r['churn']}/s ({r['joiners']} joined, {r['leaves']} left)" if r["churn"] else ""),
+             f"contributions: expected {r['contributions_expected']}, counted {r['contributions_counted']}, "
+             f"lost {r['lost']}, duplicated {r['duplicated']}, unexpected {r['unexpected']} "
+             f"(dead members included whole: {r['dead_included']})",
+             f"round time median {r['round_time_median_s']} s (max {r['round_time_max_s']} s, virtual); job messages "
+             f"per node and round: median {r['msgs_per_node_round_median']}, max {r['msgs_per_node_round_max']}; "
+             f"bytes out max/median {r['bytes_out_max_over_median']}"]
+    if r["coordinator_killed"]:
+        lines.append(f"coordinator killed: taken over in {r['coordinator_takeover_s']} s; rounds recorded "
+                     f"{r['rounds_recorded']}")
+    if r["churn"]:
+        lines.append(f"joiners held to training in a later round: {r['joiners_eligible']}, trained: "
+                     f"{r['joiners_trained']}")
+    lines.append(f"final model at {r['final_model_nodes']}/{r['live_nodes']} live nodes; {r['messages']:,} messages "
+                 f"(overlay included) over {r['virtual_s']} virtual s; wall {r['wall_s']} s")
+    return "\n".join(lines)
+
+
+def job_broken(r: dict[str, Any]) -> bool:
+    """A broken guarantee: an update lost, counted twice or out of nowhere, a round committed twice, or
+    the job not finished."""
+    return bool(r["lost"] or r["duplicated"] or r["unexpected"] or r["double_commits"]
+                or r["rounds_completed"] < r["rounds"] or r["kill_precondition_failures"])
+
+
+def _cmd_job(args: argparse.Namespace) -> int:
+    from mlfabric.config import JobsConfig
+    from mlfabric.sim.job import JobRun, run_job
+
+    try:
+        run = JobRun(nodes=args.nodes, rounds=args.rounds, seed=args.seed, ring=args.ring,
+                     kill_aggregators=args.kill_aggregators, kill_round=args.kill_round,
+                     kill_coordinator=args.kill_coordinator, churn=args.churn, nodes_per_round=args.nodes_per_round,
+                     stragglers=args.stragglers, model_bytes=args.model_bytes, overlay=_overlay(args.preset),
+                     failure=_failure(args.preset), jobs=JobsConfig(**PRESETS[args.preset].get("jobs", {})))
+    except ValueError as exc:
+        print(f"mlfabric: {exc}", file=sys.stderr)
         return 2
-    if not 0 <= args.kill_aggregators < args.nodes:
-        print("mlfabric: --kill-aggregators must be in [0, --nodes)", file=sys.stderr)
-        return 2
-    run = AggregateRun(nodes=args.nodes, parents=args.parents, kill_aggregators=args.kill_aggregators,
-                       rounds=args.rounds, seed=args.seed, shards=args.shards, replicas=args.replicas,
-                       detect_delay=args.detect_delay, straggler_fraction=args.stragglers,
-                       repair=None if args.repair == "auto" else args.repair == "on")
     bar = None if args.json else ProgressBar()
     try:
-        r = run_aggregate(run, progress=bar)
+        r = run_job(run, progress=bar)
     finally:
         if bar is not None:
             bar.close()
     if args.json:
+        r.pop("per_round")
         print(json.dumps(r))
     else:
-        mode = f"skip mesh, {r['parents']} parents" if r["parents"] > 1 else "plain tree (1 parent)"
-        print(f"{r['nodes']} nodes, {mode}, repair {'on' if r['repair'] else 'off'}, {r['shards']} shards, "
-              f"{r['rounds']} rounds, {r['killed']} aggregators killed mid-round, seed {r['seed']}")
-        print(f"contributions: expected {r['contributions_expected']}, counted {r['contributions_counted']}, "
-              f"lost {r['lost']}, duplicated {r['duplicated']}, corrupt {r['corrupt']} "
-              f"(dead members included whole: {r['dead_included']})")
-        print(f"rounds completed {r['rounds_completed']}/{r['rounds']}, round time median "
-              f"{r['round_time_median_s']} s (max {r['round_time_max_s']} s), {r['messages_per_round']:g} "
-              f"messages/round, {r['repair_requests']} repair requests; wall {r['wall_s']} s")
-    # Exit 1 on a broken guarantee: anything counted twice or corrupted, or (with repair on, where the
-    # protocol promises it) a live contribution lost. The plain tree's losses are its expected result.
-    broken = r["duplicated"] or r["corrupt"] or (r["repair"] and r["lost"])
-    return 1 if broken else 0
+        print(job_summary(r))
+    return 1 if job_broken(r) else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -202,21 +240,34 @@ def register(sub: argparse._SubParsersAction) -> None:
                       "with --scheme all)")
     fail.set_defaults(func=_cmd_failure)
 
-    agg = ssub.add_parser("aggregate", help="skip-mesh aggregation rounds with aggregators killed mid-round; "
-                          "checks every live contribution is counted exactly once")
-    agg.add_argument("--nodes", type=int, required=True, help="number of nodes (all contribute every round)")
-    agg.add_argument("--parents", type=int, default=2, help="parents per node (1: the plain-tree baseline)")
-    agg.add_argument("--kill-aggregators", type=int, default=0,
-                     help="inner nodes killed mid-round, spread evenly over the rounds")
-    agg.add_argument("--rounds", type=int, default=10)
-    agg.add_argument("--shards", type=int, default=2, help="shards per model (one mesh and root each)")
-    agg.add_argument("--replicas", type=int, default=2, help="root candidates per shard (owner + replicas)")
-    agg.add_argument("--detect-delay", type=float, default=2.0,
-                     help="virtual seconds from a crash to every node's failure verdict")
-    agg.add_argument("--stragglers", type=float, default=0.05,
-                     help="fraction of nodes that train 4x slower in a round")
-    agg.add_argument("--repair", choices=["auto", "on", "off"], default="auto",
-                     help="root asks missing contributors directly (auto: on with >= 2 parents)")
-    agg.add_argument("--seed", type=int, default=1)
-    agg.add_argument("--json", action="store_true", help="print one JSON object")
-    agg.set_defaults(func=_cmd_aggregate)
+    job = ssub.add_parser("job", help="a whole training job (the real job machine, exact tally payloads); checks "
+                          "every live contribution is counted exactly once through kills, takeover and churn")
+    job.add_argument("--nodes", type=int, required=True, help="number of nodes (all of them members)")
+    job.add_argument("--rounds", type=int, default=10, help="rounds of the job (default 10)")
+    job.add_argument("--seed", type=int, default=1, help="seed for ids, latencies, training times, victims, churn")
+    job.add_argument("--ring", choices=["auto", "ideal", "protocol"], default="auto",
+                     help="how the ring is made before the job: installed from the true ids (ideal) or through "
+                     "the join protocol (protocol); auto: protocol up to 2,000 nodes, ideal above")
+    job.add_argument("--kill-aggregators", type=int, default=0,
+                     help="nodes with children in the round's tree crashed after forwarding its notice and "
+                     "before sending their partial")
+    job.add_argument("--kill-round", type=_kill_round, default=1,
+                     help="the round of those kills (default 1), or 'spread' (evenly over the rounds)")
+    job.add_argument("--kill-coordinator", type=int, default=None, metavar="ROUND",
+                     help="crash the coordinator right after it opens this round")
+    job.add_argument("--churn", type=float, default=0.0,
+                     help="joins (through the join protocol) and graceful leaves per virtual second during the job, "
+                     "half each")
+    job.add_argument("--nodes-per-round", type=int, default=0, help="trainers sampled per round (0: every member)")
+    job.add_argument("--stragglers", type=float, default=0.0,
+                     help="fraction of a round's trainings that take 4x as long")
+    job.add_argument("--model-bytes", type=int, default=1 << 20,
+                     help="modelled size of a model and of a partial on the wire (default 1 MiB)")
+    job.add_argument("--preset", choices=sorted(PRESETS), default="lan", help="timers (default lan)")
+    job.add_argument("--json", action="store_true", help="print one JSON object")
+    job.set_defaults(func=_cmd_job)
+
+    gone = ssub.add_parser("aggregate", add_help=False, prefix_chars="\x00",
+                           help="gone: use 'sim job' (aggregation runs inside whole jobs)")
+    gone.add_argument("ignored", nargs="*")
+    gone.set_defaults(func=_cmd_aggregate)

@@ -37,6 +37,8 @@ class RingSim:
     loss: float = 0.0
     wire: bool = False
     trace: bool = False
+    # builds node i's core (default: a routing-only NodeCore); sim/job.py gives its nodes a job machine
+    make_core: Callable[[Peer, int], NodeCore] | None = None
 
     def __post_init__(self) -> None:
         self.net = SimNetwork(self.seed, latency=self.latency, loss=self.loss, wire=self.wire, trace=self.trace)
@@ -57,7 +59,10 @@ class RingSim:
     def _add_node(self, i: int, nid: int) -> Peer:
         peer = Peer(nid, f"s{i}:7700")
         self.peers.append(peer)
-        self.net.add(NodeCore(peer, self.cfg, random.Random(f"{self.seed}:{i}"), failure=self.failure))
+        if self.make_core is not None:
+            self.net.add(self.make_core(peer, i))
+        else:
+            self.net.add(NodeCore(peer, self.cfg, random.Random(f"{self.seed}:{i}"), failure=self.failure))
         return peer
 
     def _on_event(self, address: str, ev: Event) -> None:
