@@ -56,7 +56,7 @@ class Spans:
         if len(flat) % 2:
             raise RemoteProtocolError("spans need an even number of bounds")
         pairs = []
-        prev = -1
+        prev = 0  # the bottom of the ring: a negative bound is no more acceptable than an unsorted one
         for i in range(0, len(flat), 2):
             lo, hi = flat[i], flat[i + 1] or SIZE
             if not prev <= lo < hi <= SIZE:
