@@ -589,6 +589,12 @@ class JobMachine:
             raise RemoteProtocolError("job round notice: the spec does not match the job")
         if msg.with_model and payload is None:
             raise RemoteProtocolError("job round notice says it carries a model, and has none")
+        if not msg.catchup and not msg.final:
+            # Checked before anything is applied: a bad notice must not take the place of the good one.
+            if (msg.hi or SIZE) <= distance(msg.root.id, self.me.id):
+                raise RemoteProtocolError("job round notice: an empty range")
+            if len(msg.path) >= MAX_PATH:
+                raise RemoteProtocolError(f"job round notice: path longer than {MAX_PATH - 1}")
         if not msg.catchup:
             self._send(src, JobRoundAck(msg.job, msg.round, msg.attempt))
         st = self._job(spec, now)
@@ -925,7 +931,7 @@ def _apportion(quota: int, weights: list[int], rng: random.Random) -> list[int]:
     shares[0] = min(shares[0], 1)
     left = quota - sum(shares)
     order = sorted(range(len(weights)), key=lambda i: (-(raw[i] - int(raw[i])), rng.random()))
-    for i in order * 2:
+    for i in order:
         if left <= 0:
             break
         if i == 0 and shares[0] >= 1:
@@ -934,4 +940,15 @@ def _apportion(quota: int, weights: list[int], rng: random.Random) -> list[int]:
             continue
         shares[i] += 1
         left -= 1
+    # What our own share could not take (it holds one at most) goes to the children in proportion: a
+    # quota above the estimated sizes must not leak (the estimates may be low; a subtree caps itself).
+    kids = [i for i in range(1, len(weights)) if weights[i] > 0]
+    if left > 0 and kids:
+        wk = sum(weights[i] for i in kids)
+        add = [left * weights[i] // wk for i in kids]
+        for i, a in zip(kids, add, strict=True):
+            shares[i] += a
+        left -= sum(add)
+        for i in sorted(kids, key=lambda i: -weights[i])[:left]:
+            shares[i] += 1
     return shares
