@@ -9,7 +9,9 @@ driver and timer. This module only does what the machine asks for and cannot do 
   before the round that starts from it trains): ``JobSeen`` builds the model and loads the data
   part, ``ModelReceived`` writes the model and checkpoints it, ``TrainRequested`` trains and answers
   ``trained``/``train_failed``, ``RoundAggregated`` (coordinator) averages, evaluates and answers
-  ``commit``, ``RecordChanged`` writes ``data_dir/jobs/<job>/job.json``;
+  ``commit``; ``RecordChanged`` is written at once (``data_dir/jobs/<job>/job.json``, by a coalescing
+  writer) and a model is checkpointed only after the record written before it, so a node that
+  crashes never holds a model newer than its record; a graceful stop writes what is pending;
 - **bulk-lane I/O**: an outbox item that carries a payload is one blob named ``job`` whose meta is the
   wire-encoded header message (JobPartial, with its FedAvg weight, or JobRound) and whose body is the
   flat float32 tensor; inbound blobs are validated (the wire codec, then the job) before torch is
@@ -63,7 +65,8 @@ logger = logging.getLogger("mlfabric.jobs")
 
 BLOB = "job"
 RECORD = "job.json"
-_QUEUED = (JobSeen, ModelReceived, TrainRequested, RoundAggregated, RecordChanged)
+_QUEUED = (JobSeen, ModelReceived, TrainRequested, RoundAggregated)
+_CLOSE_WAIT = 5.0  # seconds a graceful stop waits for the models and records being written
 
 Call = Callable[[Callable[[float], Any]], Any]
 
@@ -97,7 +100,9 @@ class _Hosted:
     """What this node hosts for one job: its event queue and worker, and its LocalJob once built."""
 
     worker: asyncio.Task[None] | None = None
-    queue: asyncio.Queue[Event] = dataclasses.field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[Event | None] = dataclasses.field(default_factory=asyncio.Queue)
+    record: dict[str, Any] | None = None  # the latest record not written yet
+    writer: asyncio.Task[None] | None = None
     local: Any = None  # learn.local.LocalJob
     applied_at: float | None = None  # loop time the latest model arrived (round time, as seen here)
     counters: dict[str, float] = dataclasses.field(default_factory=lambda: {
@@ -117,6 +122,7 @@ class JobHost:
         self._sends: set[asyncio.Task[None]] = set()
         self._submitted: dict[int, JobSubmitted] = {}
         self._waiting: dict[int, asyncio.Future[JobSubmitted]] = {}
+        self.closing = False
         self.counters: dict[str, float] = {"blobs_sent": 0, "blobs_received": 0, "bad_blobs": 0,
                                            "bulk_send_failures": 0, "aggregation_seconds_total": 0.0}
 
@@ -150,7 +156,15 @@ class JobHost:
                         record.next_round, version)
 
     async def close(self) -> None:
-        tasks = [h.worker for h in self.hosted.values() if h.worker is not None] + list(self._sends)
+        """Stop: no more training or aggregating; the models and records that arrived are written
+        (bounded wait), then everything is cancelled."""
+        self.closing = True
+        for h in self.hosted.values():
+            h.queue.put_nowait(None)
+        pending = [t for h in self.hosted.values() for t in (h.worker, h.writer) if t is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=_CLOSE_WAIT)
+        tasks = pending + list(self._sends)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -176,8 +190,23 @@ class JobHost:
                             ev.why)
             case JobFinished():
                 logger.info("job %s: done (model version %d)", ev.job, ev.version)
+            case RecordChanged():
+                h = self._hosted(ev.job)
+                h.record = ev.record
+                if h.writer is None or h.writer.done():
+                    h.writer = self.loop.create_task(self._write_records(ev.job, h), name=f"mlfabric-job-record {ev.job}")
             case _ if isinstance(ev, _QUEUED):
                 self._hosted(ev.job).queue.put_nowait(ev)  # type: ignore[attr-defined]
+
+    async def _write_records(self, job: str, h: _Hosted) -> None:
+        """Write the latest record until none is pending (records that came meanwhile coalesce)."""
+        while h.record is not None:
+            record, h.record = h.record, None
+            try:
+                data = json.dumps(record, separators=(",", ":")).encode()
+                await asyncio.to_thread(_write_record, self.dir / job, data)
+            except Exception:
+                logger.exception("job %s: cannot write its record", job)
 
     def _hosted(self, job: str) -> _Hosted:
         h = self.hosted.get(job)
@@ -188,8 +217,9 @@ class JobHost:
         return h
 
     async def _work(self, job: str, h: _Hosted) -> None:
-        while True:
-            ev = await h.queue.get()
+        while (ev := await h.queue.get()) is not None:
+            if self.closing and isinstance(ev, TrainRequested | RoundAggregated):
+                continue  # stopping: what was received is kept, nothing new is made
             try:
                 await self._handle(job, h, ev)
             except Exception:
@@ -207,6 +237,8 @@ class JobHost:
                 h.local = await asyncio.to_thread(LocalJob, spec, rank, parts, self.dir / job, self.torch_threads)
                 logger.info("job %s: taking part with rank %d of %d data parts", job, rank, parts)
             case ModelReceived(version=version, payload=flat) if h.local is not None and flat is not None:
+                if h.writer is not None:
+                    await asyncio.shield(h.writer)  # the record that came with (or before) this model first
                 if version > h.local.version:
                     await asyncio.to_thread(h.local.apply, version, flat)
                     h.counters["models_applied"] += 1
@@ -238,10 +270,6 @@ class JobHost:
                     flat, metrics = (await asyncio.to_thread(finalize, payload) if payload else None), {}
                 h.counters["commits"] += 1
                 self._call(lambda now: self.jobs.commit(job, round_, attempt, flat, metrics, now))
-            case RecordChanged(record=record):
-                (self.dir / job).mkdir(parents=True, exist_ok=True)
-                data = json.dumps(record, separators=(",", ":")).encode()
-                await asyncio.to_thread(write_atomic, self.dir / job / RECORD, data, 0o644)
 
     # ---- bulk lane -------------------------------------------------------------------------------
 
@@ -349,6 +377,11 @@ class JobHost:
                             "training": local is not None, **(h.counters if h is not None else {})}
             out[name] = view
         return {"node": f"{self.jobs.me.id:016x}", "jobs": out}
+
+
+def _write_record(directory: Path, data: bytes) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / RECORD, data, 0o644)
 
 
 def _load_local(spec: JobSpec, directory: Path, threads: int) -> tuple[Any, int, Any]:
