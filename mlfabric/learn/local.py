@@ -56,6 +56,17 @@ class LocalJob:
         self._test: LocalData | None = None
         self.train_loss: dict[int, float] = {}  # round -> our last training loss, for the record
 
+    @classmethod
+    def from_checkpoint(cls, spec: Any, directory: Path, threads: int = 1) -> LocalJob:
+        """The job as ``directory``'s checkpoint left it: its model, version, rank and data parts
+        (CheckpointError when damaged, ValueError when it is another job's)."""
+        tensors, meta = read_checkpoint(directory)
+        if meta.get("job") != spec.job_id:
+            raise ValueError(f"the checkpoint in {directory} is of job {meta.get('job')!r}, not {spec.job_id!r}")
+        local = cls(spec, int(meta["rank"]), int(meta["parts"]), directory, threads)
+        local.load(tensors, int(meta["version"]))
+        return local
+
     @property
     def numel(self) -> int:
         return self.plan.numel

@@ -45,7 +45,8 @@ from mlfabric.runtime.bulk import BlobHandler
 from mlfabric.runtime.control import ControlServer, Response
 from mlfabric.runtime.driver import NodeDriver
 from mlfabric.runtime.files import write_atomic
-from mlfabric.runtime.jobs import JobHost, LazyFedAvg, submit_query_to_spec
+from mlfabric.runtime.jobs import JobHost, submit_query_to_spec
+from mlfabric.runtime.payloads import LazyFedAvg
 from mlfabric.runtime.systemd import SystemdNotifier, first_join_bound, notify_lifecycle
 from mlfabric.runtime.transport import Transport
 from mlfabric.wire.blob import TensorBlob

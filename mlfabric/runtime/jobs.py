@@ -1,30 +1,25 @@
 """Training jobs on a daemon: the host of the core's job machine (core/jobs.py). No protocol here.
 
-The protocol (membership, rounds, trainer sampling, the record, takeover, resume) is the sans-IO
-:class:`~mlfabric.core.jobs.JobMachine` inside the node's ``NodeCore``, driven by the node's one
-driver and timer. This module only does what the machine asks for and cannot do itself:
+The protocol (membership, rounds, sampling, the record, takeover, resume) is the sans-IO
+:class:`~mlfabric.core.jobs.JobMachine` in the node's ``NodeCore``, driven by the node's one driver
+and timer. This host does what the machine asks for and cannot do itself:
 
-- **torch in worker threads** (``asyncio.to_thread``, :class:`mlfabric.learn.local.LocalJob`): the
-  core's job events are handled in order, one sequential queue per job (so a model is applied
-  before the round that starts from it trains): ``JobSeen`` builds the model and loads the data
-  part, ``ModelReceived`` writes the model and checkpoints it, ``TrainRequested`` trains and answers
-  ``trained``/``train_failed``, ``RoundAggregated`` (coordinator) averages, evaluates and answers
-  ``commit``; ``RecordChanged`` is written at once (``data_dir/jobs/<job>/job.json``, by a coalescing
-  writer) and a model is checkpointed only after the record written before it, so a node that
-  crashes never holds a model newer than its record; a graceful stop writes what is pending;
-- **bulk-lane I/O**: an outbox item that carries a payload is one blob named ``job`` whose meta is the
-  wire-encoded header message (JobPartial, with its FedAvg weight, or JobRound) and whose body is the
-  flat float32 tensor; inbound blobs are validated (the wire codec, then the job) before torch is
-  touched, and handed to the core as ``WithPayload``. A failed send is counted and logged, never
-  taken for a death: the core resends on its ack timeout;
-- **persistence and resume**: at start every ``data_dir/jobs/<job>/`` with a record goes back to the
-  core (``restore``) with the checkpointed model;
+- torch in worker threads (:class:`mlfabric.learn.local.LocalJob`), the core's job events in order,
+  one sequential queue per job (a model is applied before the round that starts from it trains):
+  ``JobSeen`` builds the model and the data part, ``ModelReceived`` checkpoints the model,
+  ``TrainRequested`` trains and answers ``trained``/``train_failed``, ``RoundAggregated``
+  (coordinator) averages, evaluates and answers ``commit``;
+- persistence: ``RecordChanged`` is written at once to ``data_dir/jobs/<job>/job.json`` (a coalescing
+  writer), a model is checkpointed only after the records before it (a crash never leaves a model
+  newer than its record), a graceful stop writes what is pending, and at start every stored job
+  goes back to the core (``restore``) with its checkpointed model;
+- bulk-lane I/O (runtime/payloads.py); a failed send is counted and logged, never taken for a
+  death (the core resends on its ack timeout);
 - the ``/jobs`` view and ``/job/submit``.
 
-Inputs to the core go through the driver (``call``: the loop clock, then one flush), on the loop
-thread. Ports, not the daemon: the job machine, ``call``, ``deliver`` (a message for the core),
-``send_blob`` (the bulk lane), the data dir and settings values. torch is imported only when a node
-takes part in a job.
+Ports, not the daemon: the job machine, ``call`` (an input to the core with the loop clock, then
+one flush), ``deliver`` (a message for the core), ``send_blob`` (the bulk lane), the data dir and
+settings values. torch is imported only when a node takes part in a job.
 """
 
 from __future__ import annotations
@@ -55,44 +50,19 @@ from mlfabric.core.events import (
 from mlfabric.core.jobs import JobMachine, JobRecord, JobSpec
 from mlfabric.errors import ConfigError, RemoteProtocolError
 from mlfabric.runtime.files import write_atomic
+from mlfabric.runtime.payloads import BLOB, blob_of, item_of
 from mlfabric.wire.blob import TensorBlob
-from mlfabric.wire.codec import decode, encode
-from mlfabric.wire.messages import JobPartial, JobRound, Peer
+from mlfabric.wire.messages import Peer
 
-__all__ = ["BLOB", "JobHost", "LazyFedAvg", "submit_query_to_spec"]
+__all__ = ["JobHost", "submit_query_to_spec"]
 
 logger = logging.getLogger("mlfabric.jobs")
 
-BLOB = "job"
 RECORD = "job.json"
 _QUEUED = (JobSeen, ModelReceived, TrainRequested, RoundAggregated)
 _CLOSE_WAIT = 5.0  # seconds a graceful stop waits for the models and records being written
 
 Call = Callable[[Callable[[float], Any]], Any]
-
-
-class LazyFedAvg:
-    """:class:`mlfabric.learn.strategy.FedAvg`, imported with the first payload it sees, so a node
-    that never trains never imports torch. NodeCore's strategy in the daemon."""
-
-    def __init__(self) -> None:
-        self._impl: Any = None
-
-    def _fedavg(self) -> Any:
-        if self._impl is None:
-            from mlfabric.learn.strategy import FedAvg
-
-            self._impl = FedAvg()
-        return self._impl
-
-    def merge(self, into: Any, other: Any) -> Any:
-        return self._fedavg().merge(into, other)
-
-    def copy(self, payload: Any) -> Any:
-        return self._fedavg().copy(payload)
-
-    def nbytes(self, payload: Any) -> int:
-        return int(self._fedavg().nbytes(payload))
 
 
 @dataclasses.dataclass
@@ -145,10 +115,13 @@ class JobHost:
             h = self._hosted(name)
             version, flat, rank = 0, None, None
             if (path.parent / "model.ckpt").exists() and record.spec.task in self.tasks:
+                from mlfabric.learn.local import LocalJob
+
                 try:
-                    h.local, version, flat = await asyncio.to_thread(_load_local, record.spec, path.parent,
-                                                                     self.torch_threads)
-                    rank = h.local.rank
+                    h.local = await asyncio.to_thread(LocalJob.from_checkpoint, record.spec, path.parent,
+                                                      self.torch_threads)
+                    version, rank = h.local.version, h.local.rank
+                    flat = await asyncio.to_thread(h.local.flat) if version > 0 else None
                 except Exception as exc:  # noqa: BLE001 - a damaged checkpoint: resume without the model
                     logger.error("job %s: checkpoint unusable (%s); resuming from the record alone", name, exc)
             self._call(lambda now, r=raw, v=version, f=flat, k=rank: self.jobs.restore(r, v, f, k, now))
@@ -275,14 +248,7 @@ class JobHost:
 
     def send_payload(self, address: str, item: WithPayload) -> None:
         """Driver port: one outbox item with a payload as one ``job`` blob (zero-copy body)."""
-        from mlfabric.learn.tensorio import blob_from_tensor
-
-        msg, payload = item.msg, item.payload
-        if isinstance(msg, JobPartial):
-            msg, tensor = dataclasses.replace(msg, weight=payload.weight), payload.weighted_sum
-        else:
-            tensor = payload
-        blob = blob_from_tensor(tensor, encode(msg))
+        blob, tensor = blob_of(item)
 
         async def send() -> None:
             try:
@@ -292,7 +258,7 @@ class JobHost:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure: counted; the core resends on its ack timeout
                 self.counters["bulk_send_failures"] += 1
-                logger.info("job blob (%s) to %s not sent: %s: %s", type(msg).__name__, address,
+                logger.info("job blob (%s) to %s not sent: %s: %s", type(item.msg).__name__, address,
                             type(exc).__name__, exc)
             finally:
                 _keep = tensor  # noqa: F841 - the blob views the tensor's memory until the send is done
@@ -302,41 +268,22 @@ class JobHost:
         task.add_done_callback(self._sends.discard)
 
     def on_blob(self, src: Peer, name: str, blob: TensorBlob) -> bool:
-        """Bulk-lane delivery; True when the blob was a job's (taken, or counted as bad)."""
+        """Bulk-lane delivery; True when the blob was a job's (handed to the core, or counted as bad)."""
         if name != BLOB:
             return False
         try:
-            msg = decode(bytes(blob.meta))  # the wire codec validates every field
-            if not (isinstance(msg, JobPartial) or (isinstance(msg, JobRound) and msg.with_model)):
-                raise RemoteProtocolError(f"a job blob carries {type(msg).__name__}, not a JobPartial or a "
-                                          "JobRound with its model")
-            if blob.dtype != "float32" or len(blob.shape) != 1:
-                raise RemoteProtocolError(f"a job blob is a flat float32 tensor, not {blob.dtype}{list(blob.shape)}")
-            if isinstance(msg, JobPartial):
-                if msg.job not in self.jobs.jobs:
-                    raise RemoteProtocolError(f"a partial of job {msg.job!r}, which this node does not take part in")
-                if msg.weight < 1 or msg.count < 1:
-                    raise RemoteProtocolError(f"a partial with a payload has weight {msg.weight}, count {msg.count}")
-            local = self.hosted[msg.job].local if msg.job in self.hosted else None
-            if local is not None and blob.shape[0] != local.numel:
-                raise RemoteProtocolError(f"a model of {blob.shape[0]} values for job {msg.job!r}, whose model "
-                                          f"has {local.numel}")
-            from mlfabric.learn.tensorio import tensor_from_blob  # torch only now: the header is valid
-
-            tensor = tensor_from_blob(blob)
+            item = item_of(blob, self.jobs.jobs.__contains__, self._numel)
         except RemoteProtocolError as exc:
             self.counters["bad_blobs"] += 1
             logger.warning("bad job blob from %s: %s", src.address, exc)
             return True
         self.counters["blobs_received"] += 1
-        if isinstance(msg, JobPartial):
-            from mlfabric.learn.strategy import Partial
-
-            payload: Any = Partial(tensor, msg.weight)
-        else:
-            payload = tensor
-        self._deliver(src, WithPayload(msg, payload, blob.nbytes))
+        self._deliver(src, item)
         return True
+
+    def _numel(self, job: str) -> int | None:
+        h = self.hosted.get(job)
+        return h.local.numel if h is not None and h.local is not None else None
 
     # ---- control API -----------------------------------------------------------------------------
 
@@ -382,19 +329,6 @@ class JobHost:
 def _write_record(directory: Path, data: bytes) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(directory / RECORD, data, 0o644)
-
-
-def _load_local(spec: JobSpec, directory: Path, threads: int) -> tuple[Any, int, Any]:
-    """(LocalJob, version, flat model or None) from ``directory``'s checkpoint (worker thread)."""
-    from mlfabric.learn.local import LocalJob, read_checkpoint
-
-    tensors, meta = read_checkpoint(directory)
-    if meta.get("job") != spec.job_id:
-        raise ValueError(f"the checkpoint is of job {meta.get('job')!r}")
-    local = LocalJob(spec, int(meta["rank"]), int(meta["parts"]), directory, threads)
-    version = int(meta["version"])
-    local.load(tensors, version)
-    return local, version, local.flat() if version > 0 else None
 
 
 def submit_query_to_spec(query: dict[str, str]) -> JobSpec:

@@ -77,3 +77,17 @@ def test_shape_dtype_and_weight_errors() -> None:
         merge(p, p)
     with pytest.raises(ValueError):
         finalize(Partial(weighted_sum=torch.zeros(3), weight=0))
+
+
+def test_fedavg_object_merges_copies_and_sizes_like_the_functions() -> None:
+    from mlfabric.learn.strategy import FedAvg
+
+    s = FedAvg()
+    a = contribution(torch.tensor([1.0, 2.0, 3.0]), 2)
+    kept = s.copy(a)
+    assert kept.weighted_sum is not a.weighted_sum and kept.weight == 2
+    got = s.merge(a, contribution(torch.tensor([3.0, 3.0, 3.0]), 1))
+    assert got is a and a.weight == 3 and torch.equal(finalize(a), torch.tensor([5.0, 7.0, 9.0]) / 3)
+    assert torch.equal(kept.weighted_sum, torch.tensor([2.0, 4.0, 6.0]))  # the copy did not move
+    # partials up the tree, flat models down it: both sized as their float32 bytes
+    assert s.nbytes(a) == 12 and s.nbytes(torch.zeros(10)) == 40
