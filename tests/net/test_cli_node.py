@@ -68,3 +68,39 @@ async def test_node_process_serves_without_torch_and_stops_on_sigint(tmp_path: P
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "mlfabric", *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_job_submit_and_status_through_the_cli(daemon_factory, wait_until) -> None:
+    """`mlfabric job submit` (the task's default rounds), `mlfabric job status` (table and JSON) against a
+    one-node ring; the shard options are gone (one flat tensor per payload)."""
+    node = await daemon_factory()
+    control = node.control_address
+    rc, out, err = await _cli("job", "submit", "--node", control, "--task", "mlfabric.learn.probe:IndexTask",
+                              "--job-id", "cli-probe")
+    assert rc == 0, err
+    assert out.startswith("job cli-probe submitted (3 rounds); coordinator ") and f"{node.node_id:016x}" in out
+    assert node.jobs is not None
+    await wait_until(lambda: (v := node.jobs.status("cli-probe")["jobs"].get("cli-probe")) is not None  # type: ignore[union-attr]
+                     and v["status"] == "done" and v["host"]["model_version"] == 3, timeout=30, what="job done")
+    rc, out, err = await _cli("job", "status", "--node", control, "--job", "cli-probe")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] == ("job cli-probe: done (coordinator), task mlfabric.learn.probe:IndexTask, 3/3 rounds "
+                        "recorded, model version 3 here, attempt 0"), out
+    rows = [ln.split() for ln in lines[2:5]]
+    assert [r[:3] for r in rows] == [["0", "1", "1"], ["1", "1", "1"], ["2", "1", "1"]], out  # round, updates, members
+    assert all(r[3] == "1.0000" for r in rows), out  # the probe's test loss is its model's mean: part 0 + 1
+    rc, out, _ = await _cli("job", "status", "--node", control, "--json")
+    assert rc == 0 and [h["round"] for h in json.loads(out)["jobs"]["cli-probe"]["history"]] == [0, 1, 2]
+    rc, _, err = await _cli("job", "submit", "--node", control, "--shard-bytes", "4096")
+    assert rc == 2 and "unrecognized arguments: --shard-bytes" in err
+    rc, _, err = await _cli("job", "submit", "--node", control, "--task", "nope:Task", "--job-id", "x")
+    assert rc == 1 and err.strip().startswith("mlfabric: job not submitted: task 'nope:Task' is not in this node's")
