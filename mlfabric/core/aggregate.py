@@ -34,7 +34,9 @@ and at least once unless it stays unreachable through every repair; a contributo
 mid-round is in or out as a whole, since an update is never split.
 
 Deadlines adapt per job: a smoothed mean and deviation of how long the node's waits took (Jacobson's
-RTO estimator: wait = mean + 4 * deviation, within bounds); a wait that ran out backs it off.
+RTO estimator: wait = mean + 4 * deviation, within bounds); a wait that ran out while something live
+was still coming (a first send arrives after it, or a member answers that it still trains) backs it
+off by half; one that ran out over a dead member does not.
 """
 
 from __future__ import annotations
@@ -112,10 +114,12 @@ class DeadlineEstimator:
             self.dev += (abs(err) - self.dev) / 4.0
 
     def expired(self) -> None:
-        """The wait ran out before everything came: back off (the next one waits longer)."""
-        base = self.timeout()
-        self.mean = min(self.hi, base * 1.5)
-        self.dev = max(self.dev, self.mean / 4.0)
+        """The wait ran out before everything came: back off, the next wait is half as long again (it
+        was three times as long: the deviation was raised to a quarter of the new mean as well, so
+        waits grew by 3x per expired round and rounds with dead members slowed down ever more)."""
+        target = min(self.hi, self.timeout() * 1.5)
+        self.dev = min(self.dev, target / 8.0)
+        self.mean = target - 4.0 * self.dev
 
 
 @dataclass
@@ -158,9 +162,12 @@ class _Instance(Generic[P]):
     acc: list[_Piece[P]] = field(default_factory=list)  # merged lazily when forwarded
     acc_spans: Spans = field(default_factory=Spans)
     counted: Spans = field(default_factory=Spans)  # in acc or already sent up
+    passed: Spans = field(default_factory=Spans)  # marked pieces passed up untouched (on their way, not ours)
     forwarded: bool = False
     late: bool = False  # the deadline passed while our own update was still coming
     repaired: bool = False  # what we sent up went to the root again on its request
+    deadline_passed: bool = False
+    backed_off: bool = False
     members_from: dict[int, int] = field(default_factory=dict)  # sender id -> members its partials covered
     units: dict[int, _Unit[P]] = field(default_factory=dict)
     done: bool = False
@@ -273,6 +280,7 @@ class TreeAggregator(Generic[P]):
                 for inst in self._of(msg.job, msg.round, msg.attempt):
                     if inst.is_root:
                         inst.pending_at = now
+                        self._late(inst)
 
     def peer_dead(self, now: float, node: int) -> None:
         """A failure verdict: everything sent to ``node`` goes to the next ancestor, even what it
@@ -358,7 +366,7 @@ class TreeAggregator(Generic[P]):
             elif not inst.forwarded and now >= inst.deadline_at:
                 if inst.own_ready:
                     self.counters["deadline_expired"] += 1
-                    self._estimator(inst.key[0], "wait").expired()
+                    inst.deadline_passed = True
                     self._forward(now, inst)
                 else:
                     inst.late, inst.deadline_at = True, math.inf  # our own update is still coming: go with it
@@ -412,7 +420,17 @@ class TreeAggregator(Generic[P]):
         self._take(now, best, piece, src)
         self._progress(now, best)
 
+    def _late(self, inst: _Instance[P]) -> None:
+        """Something live came after our wait ran out (a first send, or a member still training): the
+        wait was too short, back off once per instance. A wait that ran out over a dead member (nothing
+        more comes, or only marked resends after its death) says nothing about how long to wait."""
+        if inst.deadline_passed and not inst.backed_off:
+            inst.backed_off = True
+            self._estimator(inst.key[0], "root" if inst.is_root else "wait").expired()
+
     def _take(self, now: float, inst: _Instance[P], piece: _Piece[P], src: Peer | None) -> None:
+        if src is not None and not piece.dup and piece.count > 0:
+            self._late(inst)
         if inst.is_root:
             self._root_add(now, inst, piece)
             return
@@ -423,6 +441,7 @@ class TreeAggregator(Generic[P]):
             # partial that holds the same update, and the root could keep only one of the two: it goes
             # up as it came, marked, and only the root chooses.
             self.counters["overlaps"] += 1
+            inst.passed = inst.passed | piece.spans  # on its way up: our range need not wait for it
             self._send_unit(now, inst, piece, dup=True)
         elif inst.forwarded:
             inst.counted = inst.counted | piece.spans
@@ -439,7 +458,7 @@ class TreeAggregator(Generic[P]):
             if inst.is_root:
                 self._root_check(now, inst)
             return
-        if not inst.forwarded and inst.own_ready and (inst.late or inst.counted.covers(inst.lo, inst.hi)):
+        if not inst.forwarded and inst.own_ready and (inst.late or (inst.counted | inst.passed).covers(inst.lo, inst.hi)):
             if not inst.late:
                 self._estimator(inst.key[0], "wait").observe(max(0.0, now - inst.started_at))
             self._forward(now, inst)
@@ -532,9 +551,8 @@ class TreeAggregator(Generic[P]):
             return
         recently_pending = inst.pending_at is not None and now - inst.pending_at <= 2 * self.cfg.repair_timeout
         if gaps and (inst.repair_left > 0 or recently_pending) and now - inst.started_at < self.cfg.max_wait:
+            inst.deadline_passed = True
             if not recently_pending:
-                if inst.repair_left == self.cfg.repair_rounds:
-                    self._estimator(inst.key[0], "root").expired()
                 inst.repair_left -= 1
             inst.repair_requests += len(gaps)
             self.counters["repairs_requested"] += len(gaps)

@@ -312,7 +312,65 @@ def test_deadline_estimator_adapts_and_backs_off() -> None:
     assert 1.0 <= est.timeout() < 1.5
     before = est.timeout()
     est.expired()
-    assert est.timeout() > before
+    assert abs(est.timeout() - 1.5 * before) < 1e-9, (before, est.timeout())
+    est.expired()
+    assert abs(est.timeout() - 2.25 * before) < 1e-9, (before, est.timeout())
+    for _ in range(60):  # fast rounds again: the wait comes back down
+        est.observe(1.0)
+    assert est.timeout() < 1.5
+    fresh = DeadlineEstimator(initial=10.0, lo=0.05, hi=120.0)
+    fresh.expired()  # before any observation
+    assert abs(fresh.timeout() - 15.0) < 1e-9
     for _ in range(200):
         est.observe(500.0)
     assert est.timeout() == 120.0
+
+
+def _next_wait(tree: Tree, node: int, now: float) -> float:
+    """How long ``node`` would wait for its children in a new round opened at ``now``."""
+    spec = CHAIN[node]
+    key = (JOB, 1, 0, node)
+    tree.aggs[node].open(now, key, tree.peers[0], spec[0], spec[1], tuple(tree.peers[p] for p in spec[2]), 1)
+    due = tree.aggs[node].next_deadline()
+    assert due is not None
+    return round(due - now - CFG.hop_allowance, 6)
+
+
+def test_a_wait_that_ran_out_over_a_dead_child_does_not_back_off() -> None:
+    tree = Tree(CHAIN)
+    tree.contribute(0.1, 40, 30)
+    tree.kill(0.2, 50)  # H died before sending anything: P waits out its deadline for H's range
+    tree.tick(6.0, start=0.2)
+    assert tree.partials(src=30), "P forwarded at its deadline"
+    assert _next_wait(tree, 30, 6.5) == CFG.initial_wait  # nothing was observed, nothing backed off
+
+
+def test_a_wait_that_ran_out_before_a_live_child_came_backs_off_by_half() -> None:
+    tree = Tree(CHAIN, CFG.model_copy(update={"ack_timeout": 100.0}))
+    tree.hold = lambda src, dst, msg: src == 50  # H is slow, not dead
+    tree.contribute(0.1, 40, 50, 30)
+    tree.tick(6.0, start=0.1)
+    tree.release(6.1)  # H's partial arrives after P forwarded
+    assert _next_wait(tree, 30, 6.5) == 1.5 * CFG.initial_wait
+
+
+def test_marked_pieces_passed_up_count_towards_the_range_so_nobody_waits_out_its_deadline() -> None:
+    """P dies before forwarding; G and H fail over to A (marked: P may have passed them on). A passes
+    them up untouched, yet they are on their way: once its own update is in and P's own range is known
+    empty (the job machine's lookup after the death), A's range is covered and A forwards at once."""
+    tree = Tree(CHAIN)
+    tree.hold = lambda src, dst, msg: src == 30 and isinstance(msg, WithPayload)
+    tree.contribute(0.1, 40, 50, 30)
+    tree.held.clear()  # P dies with its partial
+    tree.kill(0.2, 30)
+    marked = [(s, d) for s, d, m, _ in tree.partials() if m.repair]
+    assert {(40, 20), (50, 20)} <= set(marked) and (20, 10) in marked, f"failovers, marked, passed on: {marked}"
+    tree.contribute(0.3, 20)
+    assert not [m for _, _, m, _ in tree.partials(src=20) if not m.repair], "P's own range is still open"
+    tree.aggs[20].add_empty(0.4, Tree.key(20), 30, 40)
+    tree.pump(0.4)
+    own = [m for _, _, m, _ in tree.partials(src=20) if not m.repair]
+    assert len(own) == 1 and Spans.from_flat(own[0].spans) == Spans.of(20, 40), own
+    tree.contribute(0.5, 10, 0)
+    exact(tree, EVERYONE - {30})
+    assert tree.results[0].spans | tree.results[0].empty == Spans.of(0, SIZE)
