@@ -158,6 +158,11 @@ class ChordMachine:
         self._routing()
         return node_id in self._route_ids
 
+    def holds_entry(self, node_id: int) -> bool:
+        """Whether ``node_id`` is a finger or in the successor list (the routing entries, not the predecessor)."""
+        self._routing()
+        return node_id in self._route_ids
+
     def routing_state(self) -> list[Peer]:
         """Every distinct peer we hold, the routing entries by distance and then the predecessor."""
         peers = list(self._routing()[1])

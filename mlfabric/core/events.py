@@ -169,3 +169,11 @@ class JobSubmitted(Event):
     token: int
     job: str
     coordinator: Peer | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobInputRejected(Event):
+    """A job message from ``src`` was invalid and dropped (counted too); ``what`` says why, one line."""
+
+    src: Peer
+    what: str

@@ -57,6 +57,7 @@ from mlfabric.core.events import (
     CoordinatorChanged,
     Event,
     JobFinished,
+    JobInputRejected,
     JobSeen,
     JobSubmitted,
     Joined,
@@ -168,6 +169,7 @@ class _Job:
     version: int = 0  # the model version this node holds
     model: Any = None  # its payload (None for version 0)
     rank: int | None = None
+    rank_provisional: bool = False  # assigned in round 0, from size estimates
     parts: int = 0
     root: Peer | None = None  # the coordinator of the latest notice
     heir: bool = False  # we are the coordinator's first child: we take over if it goes
@@ -188,6 +190,7 @@ class _Job:
     pending_fanout: tuple[JobRound, Any, list[tuple[Peer, JobRound]], Peer, float] | None = None
     unacked: dict[int, tuple[JobRound, Any, float]] = field(default_factory=dict)  # child id -> notice
     restored_at: float | None = None
+    resume_since: float | None = None
     takeover_at: float | None = None
     rounds_trained: int = 0
 
@@ -290,6 +293,8 @@ class JobMachine:
         else:
             full["spans"] = f"{len(res.spans)} intervals (more than record_spans_max)"
         st.record.add_entry(full)
+        if round_ == 0 and res.members > 0:
+            st.record.parts = res.members  # counted, not estimated: the data partition from round 1 on
         self.counters["rounds_completed"] += 1
         self.events.append(RoundCompleted(job, round_, full))
         version = round_ + 1
@@ -297,11 +302,11 @@ class JobMachine:
             st.model = model if model is not None else st.model
         st.version = version
         st.own.pop(round_, None)
-        self.events.append(ModelReceived(job, version, st.model))
         final = version >= (st.spec.rounds or 1)
         if final:
             st.record.status = "done"
-        self._record_changed(st)
+        self._record_changed(st)  # the record first: a host persisting in order never has a model ahead of it
+        self.events.append(ModelReceived(job, version, st.model))
         self._open_as_root(st, version, attempt, now, entry=wire_entry, final=final)
         if final:
             self.events.append(JobFinished(job, version))
@@ -364,7 +369,8 @@ class JobMachine:
                         self._take_over(st, now, "handed over", min_attempt=msg.attempt + 1)
         except (ValidationError, RemoteProtocolError, ValueError) as exc:
             self.counters["bad_messages"] += 1
-            self.last_error = f"bad {type(msg).__name__} from {src.address}: {str(exc).splitlines()[0]}"
+            self.last_error = f"bad {type(msg).__name__} from {src.address}: {(str(exc).splitlines() or ['?'])[0]}"
+            self.events.append(JobInputRejected(src, self.last_error))
 
     def on_event(self, ev: Event, now: float) -> bool:
         """An event of the other machines; True when it was ours (a lookup we started) and is consumed."""
@@ -424,9 +430,7 @@ class JobMachine:
                 self._check_takeover(st, now)
             if (st.restored_at is not None and self.chord.joined and self._joined_at is not None
                     and now >= max(st.restored_at, self._joined_at) + self.cfg.resume_settle):
-                st.restored_at = None
-                if not st.coordinating and st.record.status == "running" and self._owns(job_key(st.spec.job_id)):
-                    self._take_over(st, now, "resumed after restart", min_attempt=st.record.attempt + 1)
+                self._maybe_resume(st, now)
 
     def next_deadline(self) -> float | None:
         times = [self.agg.next_deadline(), *(at for at, _ in self._timers)]
@@ -493,6 +497,26 @@ class JobMachine:
         self._record_changed(st)
         self._open_as_root(st, 0, 0, now)
 
+    def _maybe_resume(self, st: _Job, now: float) -> None:
+        """After a restart, the owner of the job key resumes the job once the ring around it has formed:
+        it knows as many successors as the last round's members allow (a node that started first and is
+        alone would otherwise resume by itself). Bounded: after ``10 * resume_settle`` it resumes anyway."""
+        assert st.restored_at is not None
+        if st.coordinating or st.record.status != "running" or st.round >= st.version:
+            st.restored_at = None  # a coordinator's notice reached us meanwhile: nothing to resume
+            return
+        if not self._owns(job_key(st.spec.job_id)):
+            return  # the ring may still change; the owner resumes (we keep checking at the settle period)
+        last = st.record.history[-1].get("members", 0) if st.record.history else 0
+        want = min(self.chord.cfg.successors, max(0, int(last) - 1)) if isinstance(last, int) else 0
+        if st.resume_since is None:
+            st.resume_since = now
+        if len(self.chord.successors) < want and now - st.resume_since < 10 * self.cfg.resume_settle:
+            st.restored_at = now - self.cfg.resume_settle / 2  # not yet: look again in half a settle period
+            return
+        st.restored_at = None
+        self._take_over(st, now, "resumed after restart", min_attempt=st.record.attempt + 1)
+
     def _check_takeover(self, st: _Job, now: float) -> None:
         if st.coordinating or st.record.status != "running" or st.root is None:
             return
@@ -530,11 +554,10 @@ class JobMachine:
                       final: bool = False) -> None:
         if st.record.parts == 0:
             st.record.parts = 1 + sum(self._estimate(0, lo, hi) for _, lo, hi in self._split(0, SIZE))
-        st.parts = st.record.parts
         st.record.attempt = attempt
         quota = st.spec.nodes_per_round or ALL_TRAIN
         notice = JobRound(st.spec.job_id, st.spec.model_dump_json(), round_, attempt, self.me, 0, (), quota,
-                          0, st.parts, entry, with_model=round_ > 0 and st.model is not None, final=final)
+                          0, st.record.parts, entry, with_model=round_ > 0 and st.model is not None, final=final)
         self._apply_notice(st, self.me, notice, st.model if notice.with_model else None, now, commit_first=True)
 
     def _root_finished(self, res: RootResult[Any]) -> None:
@@ -613,11 +636,13 @@ class JobMachine:
         if not newer and not (msg.catchup and msg.round > st.version):
             self.counters["stale_messages"] += 1
             return
-        if st.rank is None:
-            st.rank, st.parts = msg.rank, msg.parts
-            self.events.append(JobSeen(job, st.spec, msg.rank, msg.parts))
-        elif st.parts == 0:
-            st.parts = msg.parts
+        if st.rank is None or (st.rank_provisional and msg.round >= 1 and not msg.catchup):
+            # Round 0's ranks and part count come from estimates of the subtree sizes; from round 1 on
+            # they come from the sizes counted in round 0, and a node's part stays fixed from then on.
+            if (st.rank, st.parts) != (msg.rank, msg.parts):
+                st.rank, st.parts = msg.rank, msg.parts
+                self.events.append(JobSeen(job, st.spec, msg.rank, msg.parts))
+            st.rank_provisional = msg.round == 0 or msg.catchup
         if msg.entry:
             entry = json.loads(msg.entry)
             if not isinstance(entry, dict):
@@ -688,19 +713,38 @@ class JobMachine:
         return out
 
     def _estimate(self, root_lo: int, a: int, b: int) -> int:
-        """About how many members live in ``[a, b)`` (distances from the root; ``root_lo`` is ours):
-        exact from the successor list where it reaches that far, from its density beyond."""
+        """About how many members live in ``[a, b)`` (distances from the root; ``root_lo`` is ours).
+
+        The routing entries in the range are counted; so is what is known to hold nobody: everything up
+        to the last successor (the list is contiguous) and, for each finger i, the stretch from
+        ``me + 2**i`` to the finger (it is the first node there). Only the rest is estimated, from the
+        successor list's density. Exact on small rings, where the entries know every node."""
         succ = self.chord.successors
         if not succ:
             return 0
         me = self.me.id
-        sd = sorted(distance(me, s.id) for s in succ)
         lo_d, hi_d = a - root_lo, b - root_lo
-        whole_ring = len(succ) < self.chord.cfg.successors
-        if whole_ring or sd[-1] >= hi_d:
-            return bisect_left(sd, hi_d) - bisect_left(sd, lo_d)
-        density = len(sd) / max(1, sd[-1])
-        return max(1, round((hi_d - lo_d) * density))
+        dists, _ = self.chord.routing_entries()
+        known = bisect_left(dists, hi_d) - bisect_left(dists, lo_d)
+        sd = sorted(distance(me, s.id) for s in succ)
+        if len(succ) < self.chord.cfg.successors or sd[-1] >= hi_d - 1:
+            return known  # the successor list covers the range
+        empty = [(0, sd[-1] + 1)]
+        pred = self.chord.predecessor
+        if pred is not None and pred.id != me:
+            pd = distance(me, pred.id)
+            empty.append((pd, SIZE))  # from our predecessor on to us there is nobody else
+            if lo_d <= pd < hi_d and not self.chord.holds_entry(pred.id):
+                known += 1
+        for i, f in enumerate(self.chord.fingers):
+            if f is not None and distance(me, f.id) > (1 << i):
+                empty.append((1 << i, distance(me, f.id)))
+        unknown = sum(h - lo for lo, h in Spans(empty).gaps(lo_d, hi_d))
+        # Mean spacing: the successor list is len(sd) spacings; each finger's stretch from its start to
+        # the finger is one more (the distance from a point to the next node has the same mean).
+        stretches = [h - lo for lo, h in empty[1:] if h < SIZE]
+        density = (len(sd) + len(stretches)) / max(1, sd[-1] + sum(stretches))
+        return known + round(unknown * density)
 
     def _open_range(self, st: _Job, msg: JobRound, now: float, *, repair: bool, payload: Any = None,
                     commit_first: bool = False) -> None:
