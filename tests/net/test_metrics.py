@@ -86,7 +86,7 @@ async def test_job_metrics_count_a_one_round_probe_job(daemon_factory, wait_unti
 
     def done() -> bool:
         views = [d.jobs.status("m")["jobs"].get("m") for d in (a, b)]  # type: ignore[union-attr]
-        return all(v is not None and v["status"] == "done" and v["host"]["model_version"] == 1 for v in views)
+        return all(v is not None and v["status"] == "done" and v["host"]["models_applied"] == 1 for v in views)
 
     await wait_until(done, timeout=30, what="the job done at both nodes")
     mc, mo = await _metrics(coord), await _metrics(other)

@@ -162,7 +162,7 @@ async def test_a_job_on_a_one_node_ring_runs_through_the_host_and_is_restored_fr
     submitted = await host.submit(JobSpec(job_id="solo", task=PROBE))
     assert submitted["rounds"] == 3 and submitted["coordinator"]["id"] == core.me.id  # the task's default rounds
     async with asyncio.timeout(30):
-        while (v := host.status("solo")["jobs"].get("solo")) is None or v["host"]["model_version"] < 3:
+        while (v := host.status("solo")["jobs"].get("solo")) is None or v["host"]["models_applied"] < 3:
             await asyncio.sleep(0.01)
     assert v["status"] == "done" and v["role"] == "coordinator"
     assert [(h["round"], h["updates"], h["members"]) for h in v["history"]] == [(0, 1, 1), (1, 1, 1), (2, 1, 1)]
