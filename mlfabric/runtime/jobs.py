@@ -39,6 +39,7 @@ from mlfabric.core.events import (
     CoordinatorChanged,
     Event,
     JobFinished,
+    JobInputRejected,
     JobSeen,
     JobSubmitted,
     ModelReceived,
@@ -163,6 +164,8 @@ class JobHost:
                             ev.why)
             case JobFinished():
                 logger.info("job %s: done (model version %d)", ev.job, ev.version)
+            case JobInputRejected():
+                logger.warning("bad job message from %s: %s", ev.src.address, ev.what)
             case RecordChanged():
                 h = self._hosted(ev.job)
                 h.record = ev.record

@@ -625,6 +625,8 @@ async def test_garbage_job_messages_are_counted_and_the_node_keeps_serving(clust
     assert not status["torch_loaded"], f"{tag}: garbage made the node import torch"
     warned = log_lines(target, "bad job blob from 127.0.0.253:")
     assert len(warned) == len(blobs), f"{tag}: {len(warned)} warnings for {len(blobs)} blobs: {warned}"
+    warned = log_lines(target, "bad job message from 127.0.0.253:")
+    assert len(warned) == len(rounds), f"{tag}: {len(warned)} warnings for {len(rounds)} notices: {warned}"
     assert status["joined"], f"{tag}: /status {status}"
 
     job = f"after-garbage-{SEED}"
@@ -652,6 +654,7 @@ async def test_garbage_job_input_leaves_no_state_in_an_in_process_daemon(daemon_
     assert core.counters["bad_messages"] == before_msgs + len(rounds)
     assert host.counters["bad_blobs"] == before_blobs + len(blobs)
     assert core.last_error is not None and "JobRound" in core.last_error
+    assert sum("bad job message from 127.0.0.253:" in r.getMessage() for r in caplog.records) == len(rounds)
     warned = [r.getMessage() for r in caplog.records if "bad job blob from 127.0.0.253:" in r.getMessage()]
     assert len(warned) == len(blobs), warned
     for (why, _), line in zip(blobs, warned, strict=True):  # one connection: in the order sent
