@@ -65,7 +65,6 @@ TASKS = json.dumps(["digits", PROBE, SLOW])
 # bursts of several daemons training on two cores), and the slow probe allowed.
 ENV = {**TRAINING_ENV, "MLFABRIC_TASKS": TASKS}
 KILL_NODES = int(os.environ.get("MLFABRIC_TEST_KILL_NODES", "10"))  # daemons of the 3-kill test (32: the run)
-RESTART_SETTLE = 10.0  # seconds; see the restart test
 NO_TORCH_ENV = {k: v for k, v in ENV.items() if k != "MLFABRIC_PRELOAD_TORCH"}
 
 
@@ -505,10 +504,10 @@ async def test_restarted_cluster_resumes_the_job_from_its_last_round(clusters, l
         Path(x.log).rename(Path(x.log).with_name("log.run1"))
 
     # cluster_up starts node0 alone and the others once it listens; each imports torch (seconds here)
-    # before it joins. The owner of the job key resumes once it has been joined for jobs.resume_settle
-    # seconds: long enough for the whole cluster to be back (node0, alone at first, owns every key).
+    # before it joins, so node0 owns every key for a while: the default settings must not let it
+    # resume the job alone.
     t_up = time.monotonic()
-    again = clusters(n, name="cluster", extra_env={**ENV, "MLFABRIC_JOBS__RESUME_SETTLE": str(RESTART_SETTLE)})
+    again = clusters(n, name="cluster", extra_env=ENV)
     cluster = again
     assert {x.index: x.id for x in again.nodes} == ids_before, f"{tag}: ids changed on restart"
     coord2 = by_id(again, coord.id)
