@@ -10,7 +10,7 @@ import random
 import pytest
 
 from mlfabric.runtime.transport import TransportError
-from mlfabric.wire.blob import TensorBlob
+from mlfabric.wire.blob import MAX_META, TensorBlob
 
 pytestmark = pytest.mark.net
 LOOP_FACTORIES = ("uvloop", "asyncio")  # BufferedProtocol paths differ between the two loops
@@ -115,7 +115,7 @@ async def test_meta_travels_with_the_blob(daemon_factory) -> None:
     assert a.transport.counters["connections_out"] == 1
 
 
-@pytest.mark.parametrize("bad_meta", [b"m" * 3073, "not-bytes", 42])
+@pytest.mark.parametrize("bad_meta", [b"m" * (MAX_META + 1), "not-bytes", 42])
 async def test_oversize_or_ill_typed_meta_drops_the_connection(daemon_factory, monkeypatch, caplog, bad_meta) -> None:
     import msgpack
 
