@@ -67,6 +67,12 @@ class LocalJob:
         local.load(tensors, int(meta["version"]))
         return local
 
+    def repartition(self, rank: int, parts: int) -> None:
+        """Train on another data part from now on (round 0's rank and part count are estimates; the
+        core fixes them from round 1)."""
+        self.rank, self.parts = rank, max(1, parts)
+        self.data = self.task.load_data(rank % self.parts, self.parts, self.spec.seed)
+
     @property
     def numel(self) -> int:
         return self.plan.numel

@@ -6,8 +6,8 @@ and timer. This host does what the machine asks for and cannot do itself:
 
 - torch in worker threads (:class:`mlfabric.learn.local.LocalJob`), the core's job events in order,
   one sequential queue per job (a model is applied before the round that starts from it trains):
-  ``JobSeen`` builds the model and the data part, ``ModelReceived`` checkpoints the model,
-  ``TrainRequested`` trains and answers ``trained``/``train_failed``, ``RoundAggregated``
+  ``JobSeen`` builds the model and the data part (a later one moves the part), ``ModelReceived``
+  checkpoints the model, ``TrainRequested`` trains and answers ``trained``/``train_failed``, ``RoundAggregated``
   (coordinator) averages, evaluates and answers ``commit``;
 - persistence: ``RecordChanged`` is written at once to ``data_dir/jobs/<job>/job.json`` (a coalescing
   writer), a model is checkpointed only after the records before it (a crash never leaves a model
@@ -203,7 +203,11 @@ class JobHost:
 
     async def _handle(self, job: str, h: _Hosted, ev: Event) -> None:
         match ev:
-            case JobSeen(spec=spec, rank=rank, parts=parts) if h.local is None:
+            case JobSeen(rank=rank, parts=parts) if h.local is not None:
+                if (rank, parts) != (h.local.rank, h.local.parts):  # round 0's estimate, now exact
+                    await asyncio.to_thread(h.local.repartition, rank, parts)
+                    logger.info("job %s: data part now rank %d of %d parts", job, rank, parts)
+            case JobSeen(spec=spec, rank=rank, parts=parts):
                 if getattr(spec, "task", None) not in self.tasks:
                     logger.error("job %s: refusing task %r (not in this node's 'tasks' setting); relaying only",
                                  job, getattr(spec, "task", None))

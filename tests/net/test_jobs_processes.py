@@ -153,6 +153,17 @@ def checkpoint(node: ClusterNode, job: str, *, polling: bool = False) -> tuple[d
         raise
 
 
+async def final_models(nodes: list[ClusterNode], job: str, version: int, context: Callable[[], str],
+                       bound: float = 15.0) -> None:
+    """Wait until every node has checkpointed ``version`` (the coordinator's record says done when it
+    commits; the final model then travels down the tree)."""
+    async def check() -> bool:
+        got = [checkpoint(x, job, polling=True) for x in nodes]
+        return all(g is not None and g[1]["version"] == version for g in got)
+
+    await poll(check, bound, f"model version {version} at every node", context)
+
+
 def probe_value(tensors: dict[str, Any], where: str) -> float:
     """The probe model's value (it must be one constant)."""
     vec = tensors["value"]
@@ -219,15 +230,11 @@ async def test_exact_sums_when_three_inner_aggregators_are_killed_in_one_round(c
         return vs if ok else None  # type: ignore[return-value]
 
     vs0 = await poll(round0, 30.0 * scale, "round 0 open at every node", context)
-    ranks = ranks_of(vs0)
-    assert len(ranks) == n, f"{tag}: ranks {ranks}"
-    # Ranks and parts come from the tree's subtree-size estimates: exact within a successor list's
-    # reach, approximate beyond it (two nodes may share a data part); the sums below use each node's own.
-    print(f"{tag}: {len(set(ranks.values()))} distinct ranks of {n}, parts {sorted({v['parts'] for v in vs0.values()})}")
-    parts = {v["parts"] for v in vs0.values()}
-    assert len(parts) == 1, f"{tag}: one data partition count for the job: {parts}"
-    n_parts = parts.pop()
-    ranks = {i: r % n_parts for i, r in ranks.items()}  # the data part each node trains on
+    # Round 0's ranks and part count are estimates; from round 1 on they are exact (round 0's count):
+    # the data part each node trains on in rounds 1 and 2 is read from its views in those rounds.
+    print(f"{tag}: round 0: {len(set(ranks_of(vs0).values()))} distinct ranks of {n}, parts "
+          f"{sorted({v['parts'] for v in vs0.values()})}")
+    part: dict[int, int] = {}  # node id -> its data part from round 1 on
     inner = [x for x in cluster.nodes if x is not coord and vs0[x.id]["tree"]["children"]]
     assert len(inner) >= 3, f"{tag}: only {len(inner)} inner nodes besides the coordinator in round 0's tree"
     rng.shuffle(inner)
@@ -242,6 +249,8 @@ async def test_exact_sums_when_three_inner_aggregators_are_killed_in_one_round(c
 
         v = await poll(in_round1, 40.0 * scale, f"round 1 open at node{x.index}", context, interval=0.02)
         if v["round"] == 1 and v["tree"]["children"] and v["host"]["trainings"] == 1:
+            part[x.id] = v["rank"] % v["parts"]
+            assert (v["rank"], v["parts"]) == (v["host"]["rank"], v["host"]["parts"]), f"{tag}: {v}"
             victims.append(x)
             children[x.id] = [c["id"] for c in v["tree"]["children"]]
         if len(victims) == 3:
@@ -249,7 +258,7 @@ async def test_exact_sums_when_three_inner_aggregators_are_killed_in_one_round(c
     assert len(victims) == 3, f"{tag}: fewer than 3 nodes inner in round 1 and still training\n{context()}"
     watch += victims
     tag += (f" coordinator=node{coord.index} victims="
-            + ",".join(f"node{v.index}(rank {ranks[v.id]}, {len(children[v.id])} children)" for v in victims))
+            + ",".join(f"node{v.index}(part {part[v.id]}, {len(children[v.id])} children)" for v in victims))
     print(tag)
     needle = f"job {job} round 1: trained"
     if moment == "training":
@@ -279,6 +288,14 @@ async def test_exact_sums_when_three_inner_aggregators_are_killed_in_one_round(c
         return view if view is not None and view["status"] == "done" else None
 
     view = await poll(finished, 120.0 * scale, f"job {job} done", context, interval=0.02)
+    final_views = await views(survivors, job)
+    for x in survivors:
+        fv = final_views[x.id]
+        assert fv is not None, f"{tag}: node{x.index} does not know the job"
+        part[x.id] = fv["rank"] % fv["parts"]
+    exact = {fv["parts"] for fv in final_views.values() if fv is not None}
+    assert exact == {n}, f"{tag}: from round 1 the part count is round 0's {n} members: {exact}"
+    assert sorted(part.values()) == list(range(n)), f"{tag}: from round 1 every node has its own part: {part}"
     hist = view["history"]
     print(f"{tag}: rounds " + "; ".join(f"r{h['round']} {h['updates']}/{h['members']} in {h['seconds']}s "
                                         f"(repairs {h['repair_requests']}, overlaps {h['dropped_overlaps']})"
@@ -289,33 +306,28 @@ async def test_exact_sums_when_three_inner_aggregators_are_killed_in_one_round(c
     r1 = hist[1]
     assert r1["updates"] == r1["members"], f"{tag}: every member trains: {r1}"
     out_count = n - r1["updates"]
-    full = sum(r + 1 for r in ranks.values())
+    full = sum(p + 1 for p in part.values())
     if moment == "training":
         assert out_count == 3, f"{tag}: victims that died training were counted: {r1}"
     assert 0 <= out_count <= 3, f"{tag}: {out_count} left out of round 1, only 3 died: {r1}"
-    sums = {tuple(sorted(ranks[v.id] for v in out)): full - sum(ranks[v.id] + 1 for v in out)
+    sums = {tuple(sorted(part[v.id] for v in out)): full - sum(part[v.id] + 1 for v in out)
             for out in itertools.combinations(victims, out_count)}
     allowed = {fedavg(total, r1["updates"]): out for out, total in sums.items()}
     assert snapshots, f"{tag}: no survivor's version-2 checkpoint was seen"
     for node_id, value in snapshots.items():
         assert value in allowed, (f"{tag}: round 1's model at {node_id:016x} is {value!r}; with {r1['updates']} "
-                                  f"updates it must be one of {allowed} (victims out by rank)")
+                                  f"updates it must be one of {allowed} (victims out by data part)")
     assert len(set(snapshots.values())) == 1, f"{tag}: the survivors hold different round-1 models: {snapshots}"
-    print(f"{tag}: victims out of round 1 (ranks): {allowed[next(iter(snapshots.values()))]}")
-
-    async def all_final() -> bool:
-        got = [checkpoint(x, job, polling=True) for x in survivors]
-        return all(g is not None and g[1]["version"] == 3 for g in got)
+    print(f"{tag}: victims out of round 1 (data parts): {allowed[next(iter(snapshots.values()))]}")
 
     t_done = time.monotonic()
-    await poll(all_final, 30.0, "the final model at every survivor", context)
+    await final_models(survivors, job, 3, context)
     print(f"{tag}: every survivor holds the final model {time.monotonic() - t_done:.2f}s after the record says done")
-    live_sum = sum(ranks[x.id] + 1 for x in survivors)
+    live_sum = sum(part[x.id] + 1 for x in survivors)
     assert hist[2]["updates"] == hist[2]["members"] == n - 3, f"{tag}: round 2 counts the survivors: {hist[2]}"
     want = fedavg(live_sum, n - 3)
     ref, meta = checkpoint(coord, job)  # type: ignore[misc]
-    assert meta == {"job": job, "version": 3, "rank": vs0[coord.id]["rank"], "parts": vs0[coord.id]["parts"]}, \
-        f"{tag}: {meta}"
+    assert meta == {"job": job, "version": 3, "rank": final_views[coord.id]["rank"], "parts": n}, f"{tag}: {meta}"
     for x in survivors:
         tensors, meta = checkpoint(x, job)  # type: ignore[misc]
         assert meta["version"] == 3, f"{tag}: node{x.index}: {meta}"
@@ -370,6 +382,7 @@ async def test_a_node_started_mid_job_trains_from_a_later_round(clusters, log_ta
     parts = {v["parts"] for v in vs.values() if v is not None}
     assert parts == {4}, f"{tag}: data parts are fixed at round 0: {parts}"
     total = sum(v["rank"] % 4 + 1 for v in vs.values() if v is not None)
+    await final_models(cluster.nodes, job, rounds, context)
     want = fedavg(total, 5)
     for x in cluster.nodes:
         tensors, meta = checkpoint(x, job)  # type: ignore[misc]
@@ -400,8 +413,6 @@ async def test_job_survives_the_loss_of_its_coordinator(clusters, log_tail, how:
     await ring_converged(cluster.nodes, context)
     submitted = await api_submit(cluster.nodes[0], job_id=job, task=SLOW, rounds=rounds, local_epochs=5)
     coord = by_id(cluster, submitted["coordinator"]["id"])
-    vs = await poll(lambda: _all_ranked(cluster.nodes, job), 30.0, "every node ranked", context)
-    ranks = {i: v["rank"] % v["parts"] for i, v in vs.items()}  # the data part each node trains on
 
     async def two_rounds() -> int | None:
         view = await job_view(coord, job)
@@ -441,18 +452,17 @@ async def test_job_survives_the_loss_of_its_coordinator(clusters, log_tail, how:
     assert any(e["event"] == why and e["node"] == f"{heir.id:016x}" for e in view["events"]), \
         f"{tag}: no '{why}' event by the heir: {view['events']}"
 
-    want = fedavg(sum(ranks[x.id] + 1 for x in survivors), 4)
+    final_views = await views(survivors, job)
+    parts = {v["parts"] for v in final_views.values() if v is not None}
+    assert parts == {5}, f"{tag}: the part count is round 0's 5 members: {parts}"
+    want = fedavg(sum(v["rank"] % 5 + 1 for v in final_views.values() if v is not None), 4)
+    await final_models(survivors, job, rounds, context)
     ref, _ = checkpoint(heir, job)  # type: ignore[misc]
     for x in survivors:
         tensors, meta = checkpoint(x, job)  # type: ignore[misc]
         assert meta["version"] == rounds, f"{tag}: node{x.index}: {meta}"
         assert bool((tensors["value"] == ref["value"]).all()), f"{tag}: node{x.index} differs from the coordinator"
         assert probe_value(tensors, f"node{x.index}") == want, f"{tag}: node{x.index}: want {want}"
-
-
-async def _all_ranked(nodes: list[ClusterNode], job: str) -> dict[int, dict[str, Any]] | None:
-    vs = await views(nodes, job)
-    return vs if all(v is not None and v["rank"] is not None for v in vs.values()) else None  # type: ignore[return-value]
 
 
 # -------------------------------------------------------------------- 4: restart resumes
@@ -524,6 +534,7 @@ async def test_restarted_cluster_resumes_the_job_from_its_last_round(clusters, l
     for h in hist[len(recorded):]:
         assert h["updates"] == h["members"] == n, f"{tag}: round {h['round']} after the restart: {h}"
         assert h["attempt"] > recorded[-1]["attempt"], f"{tag}: {h}"
+    await final_models(again.nodes, job, rounds, context)
     ref, _ = checkpoint(coord2, job)  # type: ignore[misc]
     for x in again.nodes:
         tensors, meta = checkpoint(x, job)  # type: ignore[misc]
@@ -701,6 +712,7 @@ async def test_nodes_per_round_samples_trainers_and_the_rest_relay(clusters, log
     last = [i for i, v in vs.items() if v["trainer"]]
     assert len(last) == 3, f"{tag}: the last round's trainers {last}"
     want = fedavg(sum(vs[i]["rank"] % vs[i]["parts"] + 1 for i in last), 3)
+    await final_models(cluster.nodes, job, rounds, context)
     for x in cluster.nodes:
         tensors, meta = checkpoint(x, job)  # type: ignore[misc]
         assert meta["version"] == rounds, f"{tag}: node{x.index}: {meta}"
@@ -737,11 +749,7 @@ async def test_digits_reaches_95_percent_on_8_daemons(clusters, log_tail) -> Non
         assert h["updates"] == h["members"] == n and h["attempt"] == 0, f"{tag}: round {h['round']}: {h}"
     assert hist[-1]["test_accuracy"] >= 0.95, f"{tag}: final accuracy {hist[-1]['test_accuracy']}\n{context()}"
 
-    async def all_at_version() -> bool:
-        got = [checkpoint(x, job, polling=True) for x in cluster.nodes]
-        return all(g is not None and g[1]["version"] == rounds for g in got)
-
-    await poll(all_at_version, 10.0, f"every checkpoint at version {rounds}", context)
+    await final_models(cluster.nodes, job, rounds, context)
     ref, _ = checkpoint(coord, job)  # type: ignore[misc]
     for x in cluster.nodes:
         tensors, meta = checkpoint(x, job)  # type: ignore[misc]

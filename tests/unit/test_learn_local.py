@@ -85,3 +85,13 @@ def test_learning_rate_decays_on_a_cosine_to_a_tenth(tmp_path: Path) -> None:
     job = LocalJob(JobSpec(job_id="p", task=PROBE, rounds=5, lr=0.2), 0, 1, tmp_path)
     assert job.lr(0) == pytest.approx(0.2) and job.lr(4) == pytest.approx(0.02) and job.lr(9) == pytest.approx(0.02)
     assert job.lr(2) == pytest.approx(0.2 * (0.1 + 0.45 * (1 + math.cos(math.pi / 2))))
+
+
+def test_repartition_moves_the_data_part_and_keeps_the_model(tmp_path: Path) -> None:
+    job = LocalJob(JobSpec(job_id="p", task=PROBE, rounds=3), 5, 16, tmp_path)  # round 0's estimate
+    job.apply(1, torch.full((job.numel,), 2.0))
+    job.repartition(5, 4)  # exact from round 1: 4 parts
+    assert (job.rank, job.parts) == (5, 4) and bool((job.train(1).weighted_sum == 2.0).all())  # part 1, + 1
+    assert torch.equal(job.flat(), torch.full((job.numel,), 2.0))
+    job.apply(2, torch.full((job.numel,), 3.0))
+    assert load_checkpoint(tmp_path / "model.ckpt")[1] == {"job": "p", "version": 2, "rank": 5, "parts": 4}
