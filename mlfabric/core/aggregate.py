@@ -14,9 +14,9 @@ Per instance (one range of one attempt of one round) at a member:
 2. partials from below arrive through :meth:`TreeAggregator.receive`; one whose spans are disjoint
    from what the node counted is merged; one inside what it counted is a copy and is dropped; an
    overlapping one, or one marked as a possible duplicate (a resend: its first target may have passed
-   it on), is passed up untouched and marked (only the root decides between overlaps). So no update
-   is ever added twice, and the partials that hold a given update nest: the root can always keep
-   the larger;
+   it on), goes on untouched and marked, straight to the root (only the root decides between
+   overlaps). So no update is ever added twice, and the partials that hold a given update nest: the
+   root can always keep the larger;
 3. once its whole range is covered, or its adaptive deadline passes, the node sends its partial to
    its parent; anything later goes up on its own. Every partial is acknowledged; an unacknowledged
    one, or one whose target is reported dead (acknowledged or not), goes to the next ancestor up the
@@ -439,10 +439,11 @@ class TreeAggregator(Generic[P]):
         elif piece.dup or piece.spans.intersects(inst.counted):
             # Merging a possible duplicate, or an overlap, into our partial would make it overlap another
             # partial that holds the same update, and the root could keep only one of the two: it goes
-            # up as it came, marked, and only the root chooses.
+            # on as it came, marked, straight to the root (nobody on the way could merge it either, and
+            # relaying it hop by hop would charge its payload to every ancestor), and the root chooses.
             self.counters["overlaps"] += 1
             inst.passed = inst.passed | piece.spans  # on its way up: our range need not wait for it
-            self._send_unit(now, inst, piece, dup=True)
+            self._send_unit(now, inst, piece, dup=True, direct=True)
         elif inst.forwarded:
             inst.counted = inst.counted | piece.spans
             self._send_unit(now, inst, piece)
@@ -482,9 +483,10 @@ class TreeAggregator(Generic[P]):
         inst.forwarded = True
         self._flush_acc(now, inst)
 
-    def _send_unit(self, now: float, inst: _Instance[P], piece: _Piece[P], dup: bool = False) -> None:
+    def _send_unit(self, now: float, inst: _Instance[P], piece: _Piece[P], dup: bool = False,
+                   direct: bool = False) -> None:
         self._seq += 1
-        unit = _Unit(self._seq, piece.spans, piece.count, piece.members, piece.payload, dup=dup)
+        unit = _Unit(self._seq, piece.spans, piece.count, piece.members, piece.payload, dup=dup, direct=direct)
         inst.units[unit.seq] = unit
         self._resend(now, inst, unit, first=True)
 

@@ -506,7 +506,10 @@ class JobMachine:
             st.restored_at = None  # a coordinator's notice reached us meanwhile: nothing to resume
             return
         if not self._owns(job_key(st.spec.job_id)):
-            return  # the ring may still change; the owner resumes (we keep checking at the settle period)
+            # the ring may still change; the owner resumes. We look again in half a settle period (our
+            # timer must move on: left in the past it fired at once, forever)
+            st.restored_at = now - self.cfg.resume_settle / 2
+            return
         last = st.record.history[-1].get("members", 0) if st.record.history else 0
         want = min(self.chord.cfg.successors, max(0, int(last) - 1)) if isinstance(last, int) else 0
         if st.resume_since is None:

@@ -215,3 +215,33 @@ def test_restore_then_resume_reopens_the_round_after_the_last_recorded() -> None
     st_ = owner.jobs.jobs["j"]
     assert st_.coordinating and (st_.round, st_.attempt) == (2, 2), (st_.round, st_.attempt)
     assert [e["event"] for e in st_.record.events] == ["resumed after restart"]
+
+
+def test_a_restored_member_that_does_not_own_the_job_key_does_not_spin() -> None:
+    """After a restart only the key's owner resumes; the others look again later. Their timer must lie
+    in the future after each look (it stayed in the past, so the host's one timer fired at once,
+    forever, at the same instant)."""
+    cores = ring(IDS)
+    owner = successor_of(job_key("j"), IDS)
+    other = cores[next(i for i in IDS if i != owner)]
+    rec = JobRecord(SPEC, attempt=0, parts=5, coordinator=owner, history=[{"round": 0, "attempt": 0}])
+    other.jobs.restore(rec.to_json(), 1, Counter({1: 1}), 0, 10.0)
+    now = 10.0 + JobsConfig().resume_settle + 0.01
+    for _ in range(3):
+        other.handle_timer(now)
+        due = other.next_deadline()
+        assert due is not None and due > now, f"the timer fires again at {due}, now is {now}"
+        now = due
+    assert not other.jobs.jobs["j"].coordinating
+
+
+def test_a_restored_node_not_joined_yet_does_not_spin() -> None:
+    peer = Peer(IDS[0], "n100:1")
+    core = NodeCore(peer, OverlayConfig(), random.Random(1), jobs=JobsConfig(), strategy=Tally(1))
+    core.bootstrap(["n200:1"], 0.0)  # started, joining through a seed that does not answer yet
+    rec = JobRecord(SPEC, parts=5, history=[{"round": 0, "attempt": 0}])
+    core.jobs.restore(rec.to_json(), 1, None, 0, 0.0)
+    now = JobsConfig().resume_settle + 0.01
+    core.handle_timer(now)
+    due = core.next_deadline()
+    assert due is not None and due > now, f"the timer fires again at {due}, now is {now}"
