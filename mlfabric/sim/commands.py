@@ -14,8 +14,8 @@ from mlfabric.config import PRESETS, FailureConfig, OverlayConfig
 class ProgressBar:
     """One updating line on stderr: phase, a bar, and the elapsed wall time."""
 
-    def __init__(self, stream: Any = sys.stderr, width: int = 30) -> None:
-        self.stream, self.width = stream, width
+    def __init__(self, stream: Any = None, width: int = 30) -> None:
+        self.stream, self.width = stream if stream is not None else sys.stderr, width  # the current stderr
         self._t0 = time.perf_counter()
         self._last = ""
 
