@@ -87,8 +87,9 @@ lint: $(STAMP)
 
 bench: bootstrap
 	$(VENV)/bin/mlfabric sim ring --nodes $(BENCH_NODES) --seed 1 --lookups $(BENCH_LOOKUPS) --json
-	$(VENV)/bin/mlfabric sim aggregate --nodes 1000 --parents 2 --kill-aggregators 50 --rounds 20 --seed 1 --json
-	$(VENV)/bin/mlfabric sim aggregate --nodes 1000 --parents 1 --kill-aggregators 50 --rounds 20 --seed 1 --json
+	$(VENV)/bin/mlfabric sim job --nodes 1000 --rounds 10 --kill-aggregators 50 --seed 1 --json
+	$(VENV)/bin/mlfabric sim job --nodes 1000 --rounds 10 --kill-aggregators 50 --kill-coordinator 5 --seed 1 --json
+	$(VENV)/bin/mlfabric sim job --nodes 1000 --rounds 10 --churn 2 --seed 1 --json
 	$(PY) benchmarks/aggregate_round.py --shards 8
 
 clean:
