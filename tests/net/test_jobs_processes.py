@@ -340,10 +340,10 @@ async def test_exact_sums_when_three_inner_aggregators_are_killed_in_one_round(c
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_a_node_started_mid_job_trains_from_a_later_round(clusters, log_tail) -> None:
-    """4 daemons run 8 rounds of the slow probe (1 s each); after round 1 is recorded a 5th node starts.
+    """4 daemons run 16 rounds of the slow probe (1 s each); after round 1 is recorded a 5th node starts.
     It becomes a member of the next rounds' trees, trains (rounds_trained > 0), the rounds count 5 from
     then on, and every node's final model is exactly the average of the 5 data parts."""
-    rounds, epochs = 8, 10
+    rounds, epochs = 16, 10  # 1 s rounds; the joiner imports torch (up to ~6 s on a loaded 2-core machine) first
     job = f"probe-joiner-{SEED}"
     cluster = clusters(4, extra_env=ENV)
     tag = f"seed={SEED} job={job} workdir={cluster.workdir}"
